@@ -1,0 +1,1260 @@
+"""Parameter Golf: train an 11-layer GPT in 600 s on 8xH100, export it as int6+zstd under 16,000,000 bytes,
+and score it by exact val_bpb. Every knob is an environment variable (see HYPERPARAMETERS below / README).
+
+    torchrun --standalone --nproc_per_node=8 train_gpt.py      # the real job
+    python train_gpt.py                                        # one process (CPU or one GPU)
+
+`import train_gpt` has no side effects; tests build models with `build_model(Hyperparameters())`.
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import zstandard
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+try:  # FlashAttention 3 (Hopper); SDPA is the fallback everywhere else
+    from flash_attn_interface import flash_attn_func as fa3_attention
+except ImportError:
+    fa3_attention = None
+
+# ----------------------------------------------------------------------------------------------------
+# Hyperparameters: (env name, kind, default, lower bound, meaning). kind is int, float, bool, str,
+# "auto_bool" (1/0 or auto) or a tuple of allowed words. The README table is this list.
+
+HYPERPARAMETERS = [
+    # run and data
+    ("DATA_PATH", str, "./data/datasets/fineweb10B_sp1024", None, "folder holding fineweb_train_*.bin and fineweb_val_*.bin"),
+    ("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_1024_bpe.model", None, "SentencePiece model of the shards"),
+    ("VOCAB_SIZE", int, 1024, 2, "model vocabulary; must equal the tokenizer's size"),
+    ("RUN_ID", str, "", None, "log name logs/<RUN_ID>.txt (empty: a random id)"),
+    ("SEED", int, 1337, 0, "seed for init and everything random"),
+    ("LOG_DIR", str, "logs", None, "where the run log goes"),
+    ("OUTPUT_DIR", str, ".", None, "where final_model.int6.ptz and submission.json go"),
+    ("AUTHOR", str, "", None, "submission.json author"),
+    ("GITHUB_ID", str, "", None, "submission.json github_id"),
+    ("RUN_NAME", str, "11L int6 GPTQ sliding", None, "submission.json name"),
+    # training loop
+    ("ITERATIONS", int, 20000, 1, "maximum optimizer steps"),
+    ("MAX_WALLCLOCK_SECONDS", float, 600.0, 0, "training clock cap incl. GPTQ Hessians (0: no cap)"),
+    ("TRAIN_BATCH_TOKENS", int, 786432, 1, "global batch in tokens per optimizer step"),
+    ("TRAIN_SEQ_LEN", int, 2048, 2, "training sequence length"),
+    ("GRAD_ACCUM_STEPS", int, 0, 0, "micro-steps per optimizer step (0: 8 // world_size, at least 1)"),
+    ("WARMUP_STEPS", int, 20, 0, "compile warm-up steps, rolled back afterwards (cost no training time)"),
+    ("WARMDOWN_FRAC", float, 0.85, 0, "fraction of the run (time or steps) over which LR decays linearly"),
+    ("MIN_LR", float, 0.10, 0, "LR multiplier floor at the end of warmdown"),
+    ("TRAIN_LOG_EVERY", int, 200, 1, "train-loss log interval in steps"),
+    ("VAL_LOSS_EVERY", int, 0, 0, "periodic validation interval in steps (0: off; not timed)"),
+    ("COMPILE", "auto_bool", "auto", None, "torch.compile the model (auto: on for CUDA, off for CPU)"),
+    # model
+    ("NUM_LAYERS", int, 11, 1, "transformer blocks"),
+    ("MODEL_DIM", int, 512, 2, "residual width"),
+    ("NUM_HEADS", int, 8, 1, "query heads"),
+    ("NUM_KV_HEADS", int, 4, 1, "key/value heads (GQA)"),
+    ("MLP_MULT", float, 4.0, 0.01, "MLP hidden width as a multiple of MODEL_DIM"),
+    ("MLP_ACT", ("leaky_relu2", "relu2"), "leaky_relu2", None, "MLP activation: LeakyReLU(0.5)^2 or relu^2"),
+    ("ROPE_DIMS", int, 16, 0, "rotary dims per head (partial RoPE; head_dim = full RoPE)"),
+    ("ROPE_BASE", float, 10000.0, 1, "RoPE base"),
+    ("QK_GAIN_INIT", float, 5.0, 0, "initial per-head query gain after QK RMSNorm"),
+    ("LN_SCALE", bool, True, None, "scale norm outputs of layer l by 1/sqrt(l+1)"),
+    ("SKIP_GATES", bool, True, None, "sigmoid-gated U-Net skips (off: plain weighted skips)"),
+    ("XSA_LAST_N", int, 11, 0, "exclusive self-attention on the last N layers"),
+    ("SMEAR_GATE", bool, True, None, "SmearGate v2 with BOS mask on the raw embedding"),
+    ("BIGRAM_BUCKETS", int, 2816, 0, "BigramHash buckets (0: off)"),
+    ("BIGRAM_DIM", int, 112, 1, "BigramHash table width"),
+    ("ATTN_GATE", bool, True, None, "sparse attention-output gate sigmoid(0.5*W x[:12]) per head"),
+    ("VE_DIM", int, 0, 0, "value-embedding width (0: off)"),
+    ("VE_LAYERS", str, "9,10", None, "comma list of layers that add value embeddings"),
+    ("LOGIT_SOFTCAP", float, 30.0, 0.01, "logit softcap c: z <- c*tanh(z/c)"),
+    ("TIED_EMBED_INIT_STD", float, 0.005, 0, "tied embedding init std"),
+    ("ORTHO_INIT", bool, True, None, "orthogonal init of linears with both dims >= 64 (off: PyTorch default)"),
+    ("FA3", bool, True, None, "use flash_attn_interface (FA3) when it imports on CUDA"),
+    # optimizer
+    ("MATRIX_LR", float, 0.026, 0, "Muon LR for block matrices"),
+    ("MUON_WD", float, 0.095, 0, "Muon decoupled weight decay"),
+    ("MUON_MOMENTUM", float, 0.97, 0, "Muon momentum after warm-up"),
+    ("MUON_MOMENTUM_WARMUP_START", float, 0.92, 0, "Muon momentum at step 0"),
+    ("MUON_MOMENTUM_WARMUP_STEPS", int, 1500, 0, "steps of linear momentum warm-up"),
+    ("MUON_NS", ("polar", "quintic"), "polar", None, "Newton-Schulz coefficients: Polar Express or classic quintic"),
+    ("MUON_NS_STEPS", int, 5, 1, "Newton-Schulz iterations (Polar Express always runs its 5)"),
+    ("MUON_ROW_NORM", bool, True, None, "MuonEq-R: row-normalise the update before Newton-Schulz"),
+    ("EMBED_LR", float, 0.03, 0, "AdamW LR of the tied embedding"),
+    ("EMBED_WD", float, 0.085, 0, "AdamW weight decay of the tied embedding"),
+    ("TABLE_LR", float, 0.03, 0, "AdamW LR of the BigramHash / value-embedding tables"),
+    ("TABLE_WD", float, 0.085, 0, "AdamW weight decay of those tables"),
+    ("SCALAR_LR", float, 0.02, 0, "AdamW LR of scalars, gates and control tensors"),
+    ("SCALAR_WD", float, 0.02, 0, "AdamW weight decay of those"),
+    ("BETA1", float, 0.9, 0, "Adam beta1"),
+    ("BETA2", float, 0.99, 0, "Adam beta2"),
+    ("ADAM_EPS", float, 1e-8, 0, "Adam epsilon"),
+    ("GRAD_CLIP_NORM", float, 0.3, 0, "global grad-norm clip (0: off)"),
+    # weight averaging and QAT
+    ("AVERAGING", ("ema", "swa", "none"), "ema", None, "which weight average is exported"),
+    ("EMA_DECAY", float, 0.9965, 0, "EMA decay per step"),
+    ("SWA_EVERY", int, 50, 1, "SWA snapshot interval in steps"),
+    ("SWA_START_LR_SCALE", float, 0.4, 0, "SWA collects once the LR multiplier falls below this"),
+    ("QAT", ("off", "on", "late"), "off", None, "int STE fake-quant of block linears: off, whole run, or late"),
+    ("QAT_START_LR_SCALE", float, 0.15, 0, "late QAT switches on once the LR multiplier falls below this"),
+    # export
+    ("GPTQ", bool, True, None, "full-Hessian GPTQ (Hessians from training batches inside the clock)"),
+    ("GPTQ_CALIB_BATCHES", int, 16, 1, "training micro-batches per rank for GPTQ Hessians"),
+    ("GPTQ_RESERVE_SECONDS", float, 8.0, 0, "the loop stops this early so Hessians finish inside the clock"),
+    ("GPTQ_BLOCK", int, 128, 1, "GPTQ column block size"),
+    ("GPTQ_DAMP", float, 0.01, 0, "GPTQ damping as a fraction of mean(diag H)"),
+    ("EXPORT_CLIP", ("sdclip", "search"), "sdclip", None, "per-row clip: k*std (SDClip) or MSE search over quantiles"),
+    ("ATTN_BITS", int, 6, 2, "bits of attention matrices"),
+    ("MLP_BITS", int, 6, 2, "bits of MLP matrices (5: int5)"),
+    ("ATTN_CLIP_K", float, 13.0, 0.1, "SDClip k for attention matrices"),
+    ("MLP_CLIP_K", float, 12.0, 0.1, "SDClip k for MLP matrices"),
+    ("EMBED_BITS", int, 8, 2, "bits of embedding tables (16: fp16 passthrough)"),
+    ("EMBED_CLIP_K", float, 20.0, 0.1, "SDClip k for embedding tables"),
+    ("BYTE_SHUFFLE", "auto_bool", "auto", None, "byte-shuffle 16-bit data before zstd (auto: whichever is smaller)"),
+    ("ZSTD_LEVEL", int, 22, 1, "zstd level of the model file"),
+    ("ARTIFACT_CAP_BYTES", int, 16_000_000, 1, "cap on code + model bytes; export fits under it"),
+    # evaluation
+    ("EVAL_SEQ_LEN", int, 0, 0, "evaluation window (0: TRAIN_SEQ_LEN)"),
+    ("EVAL_STRIDE", int, 64, 1, "sliding-window stride"),
+    ("EVAL_BATCH_SEQS", int, 32, 1, "windows per evaluation batch"),
+]
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names the variable and what it accepts."""
+
+
+def parse_setting(name, kind, raw, lower):
+    text = raw.strip()
+    if isinstance(kind, tuple):
+        if text not in kind:
+            raise ConfigError(f"{name} must be one of {', '.join(kind)}; got {raw!r}")
+        return text
+    if kind in (bool, "auto_bool"):
+        if kind == "auto_bool" and text.lower() == "auto":
+            return None
+        if text.lower() not in BOOL_WORDS:
+            extra = ", auto" if kind == "auto_bool" else ""
+            raise ConfigError(f"{name} must be a boolean (1/0, true/false, yes/no, on/off{extra}); got {raw!r}")
+        return BOOL_WORDS[text.lower()]
+    if kind in (int, float):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise ConfigError(f"{name} must be {'an integer' if kind is int else 'a number'}; got {raw!r}") from None
+        if not math.isfinite(value) or (lower is not None and value < lower):
+            raise ConfigError(f"{name} must be a finite number >= {lower}; got {raw!r}")
+        return value
+    return raw
+
+
+class Hyperparameters:
+    """All settings, read from the environment (or a given mapping) and validated at construction."""
+
+    def __init__(self, environ=None):
+        environ = os.environ if environ is None else environ
+        for name, kind, default, lower, _ in HYPERPARAMETERS:
+            raw = environ.get(name)
+            value = default if raw is None else parse_setting(name, kind, raw, lower)
+            setattr(self, name.lower(), None if value == "auto" and kind == "auto_bool" else value)
+        self.run_id = self.run_id or uuid.uuid4().hex[:12]
+        self.eval_seq_len = self.eval_seq_len or self.train_seq_len
+        try:
+            self.ve_layers = [int(x) for x in self.ve_layers.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"VE_LAYERS must be a comma list of layer indices; got {self.ve_layers!r}") from None
+        self.validate()
+
+    def validate(self):
+        def need(ok, message):
+            if not ok:
+                raise ConfigError(message)
+        need(self.model_dim % self.num_heads == 0, f"MODEL_DIM ({self.model_dim}) must be divisible by NUM_HEADS ({self.num_heads})")
+        need(self.num_heads % self.num_kv_heads == 0, f"NUM_HEADS ({self.num_heads}) must be divisible by NUM_KV_HEADS ({self.num_kv_heads})")
+        head_dim = self.model_dim // self.num_heads
+        need(head_dim % 2 == 0, f"MODEL_DIM/NUM_HEADS ({head_dim}) must be even for RoPE")
+        need(self.rope_dims % 2 == 0 and self.rope_dims <= head_dim, f"ROPE_DIMS must be even and <= head_dim {head_dim}; got {self.rope_dims}")
+        need(self.xsa_last_n <= self.num_layers, f"XSA_LAST_N must be <= NUM_LAYERS ({self.num_layers}); got {self.xsa_last_n}")
+        need(not (self.smear_gate or self.attn_gate) or self.model_dim >= 12, "SMEAR_GATE and ATTN_GATE need MODEL_DIM >= 12")
+        need(self.bigram_buckets != 1, "BIGRAM_BUCKETS must be 0 (off) or >= 2")
+        need(not self.ve_dim or all(0 <= i < self.num_layers for i in self.ve_layers), f"VE_LAYERS must name layers in 0..{self.num_layers - 1}; got {self.ve_layers}")
+        for name in ("WARMDOWN_FRAC", "MIN_LR", "EMA_DECAY", "SWA_START_LR_SCALE", "QAT_START_LR_SCALE", "BETA1", "BETA2"):
+            need(getattr(self, name.lower()) <= 1, f"{name} must be in [0, 1]; got {getattr(self, name.lower())}")
+        for name in ("ATTN_BITS", "MLP_BITS"):
+            need(getattr(self, name.lower()) <= 8, f"{name} must be in 2..8; got {getattr(self, name.lower())}")
+        need(self.embed_bits <= 8 or self.embed_bits == 16, f"EMBED_BITS must be in 2..8 or 16; got {self.embed_bits}")
+        need(self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE ({self.eval_stride}) must be <= EVAL_SEQ_LEN ({self.eval_seq_len})")
+        need(self.zstd_level <= 22, f"ZSTD_LEVEL must be in 1..22; got {self.zstd_level}")
+        need(not (self.gptq and self.max_wallclock_seconds) or self.gptq_reserve_seconds < self.max_wallclock_seconds,
+             f"GPTQ_RESERVE_SECONDS ({self.gptq_reserve_seconds}) must be below MAX_WALLCLOCK_SECONDS ({self.max_wallclock_seconds})")
+
+    def batch_layout(self, world_size):
+        """(grad_accum_steps, tokens per rank per micro-step) keeping the global batch fixed."""
+        accum = self.grad_accum_steps or max(1, 8 // world_size)
+        per_micro = world_size * accum * self.train_seq_len
+        if self.train_batch_tokens % per_micro:
+            raise ConfigError(f"TRAIN_BATCH_TOKENS ({self.train_batch_tokens}) must be divisible by world_size x GRAD_ACCUM_STEPS x "
+                              f"TRAIN_SEQ_LEN = {world_size} x {accum} x {self.train_seq_len}")
+        return accum, self.train_batch_tokens // (world_size * accum)
+
+    def check_tokenizer(self, sp):
+        if sp.vocab_size() != self.vocab_size:
+            raise ConfigError(f"VOCAB_SIZE ({self.vocab_size}) must equal the tokenizer's vocab size {sp.vocab_size()} ({self.tokenizer_path})")
+        if sp.bos_id() != BOS_ID:
+            raise ConfigError(f"the tokenizer's BOS id is {sp.bos_id()}; the shard format needs BOS={BOS_ID} ({self.tokenizer_path})")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: shards of 256 int32 header (magic, version, n_tokens) then n_tokens little-endian uint16.
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
+BOS_ID = 1
+DOWNLOAD_HINT = ("Download the official data with `python3 data/cached_challenge_fineweb.py --variant sp1024` in an "
+                 "openai/parameter-golf checkout and point DATA_PATH/TOKENIZER_PATH at it, or run the CPU smoke run "
+                 "with `bash tools/smoke_run.sh` (no download needed).")
+
+
+class DataError(RuntimeError):
+    """Missing or malformed data; the message names the file."""
+
+
+def read_shard(path):
+    path = str(path)
+    size = os.path.getsize(path)
+    if size < SHARD_HEADER_BYTES:
+        raise DataError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header")
+    header = np.fromfile(path, dtype="<i4", count=256)
+    if header[0] != SHARD_MAGIC:
+        raise DataError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a parameter-golf shard")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
+    n_tokens = int(header[2])
+    expected = SHARD_HEADER_BYTES + 2 * n_tokens
+    if n_tokens < 0 or size != expected:
+        raise DataError(f"{path}: file is {size} bytes but its header promises {n_tokens} tokens = {expected} bytes; truncated or corrupt")
+    return np.fromfile(path, dtype="<u2", count=n_tokens, offset=SHARD_HEADER_BYTES)
+
+
+def find_shards(data_path, split):
+    if not os.path.isdir(data_path):
+        raise DataError(f"DATA_PATH {data_path} does not exist. {DOWNLOAD_HINT}")
+    pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise DataError(f"no {split} shards match {pattern}. {DOWNLOAD_HINT}")
+    return pattern, files
+
+
+class TokenStream:
+    """The training shards in order, read forever (wrapping around); fully deterministic."""
+
+    def __init__(self, files):
+        self.files, self.file_index, self.pos = files, 0, 0
+        self.tokens = read_shard(files[0])
+
+    def take(self, n):
+        chunks = []
+        while n > 0:
+            if self.pos >= len(self.tokens):
+                self.file_index = (self.file_index + 1) % len(self.files)
+                self.tokens, self.pos = read_shard(self.files[self.file_index]), 0
+            k = min(n, len(self.tokens) - self.pos)
+            chunks.append(self.tokens[self.pos:self.pos + k])
+            self.pos, n = self.pos + k, n - k
+        return np.concatenate(chunks)
+
+
+class DistributedTokenLoader:
+    """Each micro-step takes the next world_size*(local_tokens+1) stream tokens; rank r keeps slice r."""
+
+    def __init__(self, files, rank, world_size, device):
+        self.stream, self.rank, self.world_size, self.device = TokenStream(files), rank, world_size, device
+
+    def next_batch(self, local_tokens, seq_len):
+        span = local_tokens + 1
+        chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
+        mine = torch.from_numpy(chunk.astype(np.int64))
+        x, y = mine[:-1].view(-1, seq_len), mine[1:].view(-1, seq_len)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def load_validation_tokens(data_path, seq_len):
+    """Every val shard in order, cut to a whole number of seq_len windows plus one (the baseline's rule)."""
+    pattern, files = find_shards(data_path, "val")
+    tokens = np.concatenate([read_shard(f) for f in files])
+    usable = ((len(tokens) - 1) // seq_len) * seq_len
+    if usable <= 0:
+        raise DataError(f"validation shards {pattern} hold {len(tokens)} tokens, fewer than one {seq_len}-token window")
+    return pattern, torch.from_numpy(tokens[:usable + 1].astype(np.int64))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer byte tables and the exact val_bpb (RULES.md section 7).
+
+def load_tokenizer(path):
+    if not os.path.isfile(path):
+        raise DataError(f"TOKENIZER_PATH {path} does not exist. {DOWNLOAD_HINT}")
+    return spm.SentencePieceProcessor(model_file=str(path))
+
+
+def build_byte_luts(sp, vocab_size):
+    """(bytes of each piece without its leading space, has leading '▁', is a boundary token) per id."""
+    size = max(sp.vocab_size(), vocab_size)
+    base = torch.zeros(size, dtype=torch.int64)
+    space = torch.zeros(size, dtype=torch.bool)
+    boundary = torch.ones(size, dtype=torch.bool)
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            space[i], piece = True, piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    if sp.piece_to_id("\u2581") == sp.unk_id():
+        raise DataError("the tokenizer has no standalone '\u2581' piece, so spaces would be counted as byte-fallback tokens")
+    return base, space, boundary
+
+
+def target_bytes(luts, prev_ids, target_ids):
+    """Bytes each target adds: its piece bytes, plus its leading space unless the previous token is a boundary."""
+    base, space, boundary = luts
+    return base[target_ids] + (space[target_ids] & ~boundary[prev_ids]).long()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model.
+
+CONTROL_NAMES = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "skip_gates", "smear_", "attn_gate",
+                 "ve_lambda", ".scale")
+
+
+def is_control(name):
+    return any(key in name for key in CONTROL_NAMES)
+
+
+def rms_norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class RMSNorm(nn.Module):
+    """Weightless RMSNorm as a module, so GPTQ can hook the LM head's input."""
+
+    def forward(self, x):
+        return rms_norm(x)
+
+
+def sdclip_scales(w, bits, clip_k):
+    """Per-row scale c_r/qmax with clip c_r = k*std(row), rounded to fp16 exactly as it is stored."""
+    qmax = 2 ** (bits - 1) - 1
+    std = w.float().std(dim=1, correction=0)
+    return (clip_k * std / qmax).half().float().clamp_min(2 ** -24)
+
+
+def quantize_rows(w, scale, bits):
+    qmax = 2 ** (bits - 1) - 1
+    return torch.clamp(torch.round(w.float() / scale[:, None]), -qmax, qmax)
+
+
+def fake_quant(w, bits, clip_k):
+    """Round-trip through the exporter's per-row int grid (SDClip scales, symmetric +-qmax)."""
+    scale = sdclip_scales(w, bits, clip_k)
+    return (quantize_rows(w, scale, bits) * scale[:, None]).to(w.dtype)
+
+
+class CastedLinear(nn.Linear):
+    """Bias-free linear; optional STE fake-quant whose on/off is a buffer, so compiled graphs see the switch."""
+
+    def __init__(self, in_features, out_features, zero_init=False):
+        super().__init__(in_features, out_features, bias=False)
+        self.zero_init, self.qat_bits, self.qat_clip_k = zero_init, 0, 0.0
+        self.register_buffer("qat_alpha", torch.zeros(()), persistent=False)
+
+    def forward(self, x):
+        w = self.weight
+        if self.qat_bits:
+            w = w + self.qat_alpha * (fake_quant(w, self.qat_bits, self.qat_clip_k) - w).detach()
+        return F.linear(x, w)
+
+
+def apply_rope(x, cos, sin):
+    """Half-split rotation of the first 2*cos.size(-1) dims of each head; the rest pass through (partial RoPE)."""
+    half = cos.size(-1)
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+def exclusive_self_attention(y, v):
+    """XSA: drop each head's component along its own token's value vector (GQA form, no repeat_interleave)."""
+    B, T, H, D = y.shape
+    yg = y.view(B, T, v.size(2), H // v.size(2), D)
+    vn = F.normalize(v, dim=-1).unsqueeze(-2)
+    return (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, h, layer):
+        super().__init__()
+        d, self.num_heads, self.num_kv_heads = h.model_dim, h.num_heads, h.num_kv_heads
+        self.head_dim = d // h.num_heads
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.c_q, self.c_k, self.c_v = CastedLinear(d, d), CastedLinear(d, kv_dim), CastedLinear(d, kv_dim)
+        self.proj = CastedLinear(d, d, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
+        self.rope_dims = h.rope_dims
+        inv_freq = 1.0 / h.rope_base ** (torch.arange(0, h.rope_dims, 2, dtype=torch.float32) / max(h.rope_dims, 1))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.xsa = layer >= h.num_layers - h.xsa_last_n
+        # sparse output gate: sigmoid(0.5 * W x[:12]) per head, W zero-init (g = 0.5)
+        self.attn_gate = nn.Parameter(torch.zeros(h.num_heads, 12)) if h.attn_gate else None
+        self.ve_lambda = nn.Parameter(torch.ones(())) if h.ve_dim and layer in h.ve_layers else None
+        self.use_fa3 = h.fa3 and fa3_attention is not None
+
+    def forward(self, x, ve=None):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x)
+        if self.ve_lambda is not None:
+            v = v + self.ve_lambda.to(v.dtype) * ve
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        q, k = rms_norm(q), rms_norm(k)
+        if self.rope_dims:
+            freqs = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), self.inv_freq)[:, None, :]
+            q, k = apply_rope(q, freqs.cos(), freqs.sin()), apply_rope(k, freqs.cos(), freqs.sin())
+        q = (q * self.q_gain[:, None]).to(v.dtype)
+        k = k.to(v.dtype)
+        if self.use_fa3 and q.is_cuda:
+            y = fa3_attention(q, k, v, causal=True)
+            y = y[0] if isinstance(y, tuple) else y
+        else:
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                               enable_gqa=self.num_kv_heads != self.num_heads).transpose(1, 2)
+        if self.xsa:
+            y = exclusive_self_attention(y, v)
+        if self.attn_gate is not None:
+            y = y * torch.sigmoid(0.5 * F.linear(x[..., :12], self.attn_gate.to(x.dtype)))[..., None].to(y.dtype)
+        return self.proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, h):
+        super().__init__()
+        hidden = int(h.mlp_mult * h.model_dim)
+        self.fc, self.proj = CastedLinear(h.model_dim, hidden), CastedLinear(hidden, h.model_dim, zero_init=True)
+        self.leaky = h.mlp_act == "leaky_relu2"
+
+    def forward(self, x):
+        x = self.fc(x)
+        x = F.leaky_relu(x, 0.5) if self.leaky else torch.relu(x)
+        return self.proj(x.square())
+
+
+class Block(nn.Module):
+    def __init__(self, h, layer):
+        super().__init__()
+        d = h.model_dim
+        self.attn, self.mlp = CausalSelfAttention(h, layer), MLP(h)
+        self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(d)), nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
+        self.ln_scale = 1.0 / math.sqrt(layer + 1) if h.ln_scale else None  # LN-scale damps deep layers' inputs
+
+    def norm(self, x):
+        x = rms_norm(x)
+        return x if self.ln_scale is None else x * self.ln_scale
+
+    def forward(self, x, x0, ve=None):
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x), ve)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x))
+
+
+class SmearGate(nn.Module):
+    """v2: x_t += lambda*sigmoid(w.x_t[:12])*x_{t-1}, never into a BOS position (no cross-document leak)."""
+
+    def __init__(self):
+        super().__init__()
+        self.smear_w, self.smear_lambda = nn.Parameter(torch.zeros(12)), nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, ids):
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        gate = torch.sigmoid(x[..., :12] @ self.smear_w.to(x.dtype))[..., None]
+        keep = (ids != BOS_ID).to(x.dtype)[..., None]
+        return x + self.smear_lambda.to(x.dtype) * gate * prev * keep
+
+
+class BigramHash(nn.Module):
+    """Hashed (prev, current) token-pair embedding added to the token embedding; zero-init projection."""
+
+    def __init__(self, buckets, dim, model_dim):
+        super().__init__()
+        self.buckets = buckets
+        self.table = nn.Embedding(buckets, dim)
+        nn.init.normal_(self.table.weight, std=0.02)
+        self.proj = CastedLinear(dim, model_dim, zero_init=True)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def bucket_ids(self, ids):
+        prev = F.pad(ids[:, :-1], (1, 0))
+        hashed = torch.bitwise_xor(36313 * ids, 27191 * prev) % (self.buckets - 1)
+        starts = torch.zeros_like(ids, dtype=torch.bool)
+        starts[:, 0] = True  # sequence starts and BOS positions have no (same-document) previous token
+        return torch.where(starts | (ids == BOS_ID), self.buckets - 1, hashed)
+
+    def forward(self, ids):
+        return self.scale * self.proj(self.table(self.bucket_ids(ids)))
+
+
+class ValueEmbedding(nn.Module):
+    """A second token table projected to the KV width and added to the values of chosen layers (VE)."""
+
+    def __init__(self, vocab_size, dim, kv_dim):
+        super().__init__()
+        self.table = nn.Embedding(vocab_size, dim)
+        nn.init.normal_(self.table.weight, std=0.01)
+        self.proj = CastedLinear(dim, kv_dim, zero_init=True)
+        self.scale = nn.Parameter(torch.tensor(0.1))
+
+    def forward(self, ids):
+        return self.scale * self.proj(self.table(ids))
+
+
+class GPT(nn.Module):
+    def __init__(self, h):
+        super().__init__()
+        d = h.model_dim
+        self.logit_softcap = h.logit_softcap
+        self.tok_emb = nn.Embedding(h.vocab_size, d)
+        nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
+        self.bigram = BigramHash(h.bigram_buckets, h.bigram_dim, d) if h.bigram_buckets else None
+        self.smear = SmearGate() if h.smear_gate else None
+        kv_dim = h.num_kv_heads * (d // h.num_heads)
+        self.ve = ValueEmbedding(h.vocab_size, h.ve_dim, kv_dim) if h.ve_dim else None
+        self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
+        self.num_encoder = h.num_layers // 2
+        num_skips = min(self.num_encoder, h.num_layers - self.num_encoder)
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, d))
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, d)) if h.skip_gates else None
+        self.final_norm = RMSNorm()
+        for module in self.modules():
+            if isinstance(module, CastedLinear):
+                if module.zero_init:
+                    nn.init.zeros_(module.weight)
+                elif h.ortho_init and min(module.weight.shape) >= 64:
+                    nn.init.orthogonal_(module.weight)
+
+    def forward_logits(self, input_ids):
+        x = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            x = x + self.bigram(input_ids)
+        if self.smear is not None:
+            x = self.smear(x, input_ids)
+        x = x0 = rms_norm(x)
+        ve = self.ve(input_ids) if self.ve is not None else None
+        skips = []
+        for i, block in enumerate(self.blocks):
+            j = i - self.num_encoder
+            if 0 <= j < len(self.skip_weights):  # U-Net: decoder block j reads encoder block (enc-1-j)
+                skip = self.skip_weights[j].to(x.dtype) * skips.pop()
+                x = x + skip if self.skip_gates is None else torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
+            x = block(x, x0, ve)
+            if i < self.num_encoder:
+                skips.append(x)
+        logits = F.linear(self.final_norm(x), self.tok_emb.weight)
+        return self.logit_softcap * torch.tanh(logits.float() / self.logit_softcap)
+
+    def forward(self, input_ids, target_ids):
+        logits = self.forward_logits(input_ids)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), target_ids.reshape(-1))
+
+    def set_qat(self, alpha):
+        for module in self.modules():
+            if isinstance(module, CastedLinear):
+                module.qat_alpha.fill_(alpha)
+
+
+def build_model(h):
+    """The GPT for settings h, with STE fake-quant wired to the exporter's grid when QAT is not off."""
+    model = GPT(h)
+    if h.qat != "off":
+        for name, module in model.named_modules():
+            plan = export_plan(name + ".weight", module.weight, h) if isinstance(module, CastedLinear) else None
+            if plan and name.startswith("blocks."):
+                module.qat_bits, module.qat_clip_k = plan
+        model.set_qat(1.0 if h.qat == "on" else 0.0)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimizer: Muon for block matrices, AdamW for embeddings, tables and control tensors.
+
+QUINTIC = (3.4445, -4.7750, 2.0315)
+POLAR_EXPRESS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+
+
+def orthogonalize(g, steps=5, polar=True):
+    """Newton-Schulz iteration towards the nearest semi-orthogonal matrix U V^T (bf16 on GPU; fp32 on CPU,
+    where bf16 matmuls are slow)."""
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    x = x / (x.norm() + 1e-7)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    for a, b, c in POLAR_EXPRESS if polar else [QUINTIC] * steps:
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, orthogonalised update, decoupled decay W <- W(1 - lr*wd) - lr*sqrt(max(1,out/in))*O.
+    Rank r orthogonalises matrices i = r (mod world_size); one all-reduce shares the results."""
+
+    def __init__(self, params, lr, momentum, weight_decay, ns_steps=5, polar=True, row_norm=True, rank=0, world_size=1):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps,
+                                      polar=polar, row_norm=row_norm))
+        self.rank, self.world_size, self.orthogonalize = rank, world_size, orthogonalize
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = group["params"]
+            device = params[0].device
+            updates = torch.zeros(sum(p.numel() for p in params), device=device,
+                                  dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % self.world_size == self.rank and p.grad is not None:
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    u = p.grad.add(buf, alpha=group["momentum"])
+                    if group["row_norm"]:  # MuonEq-R
+                        u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-7)
+                    o = self.orthogonalize(u, group["ns_steps"], group["polar"]) * max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    updates[offset:offset + p.numel()] = o.flatten()
+                offset += p.numel()
+            if self.world_size > 1:
+                dist.all_reduce(updates)
+            offset = 0
+            for p in params:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(updates[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+
+def build_optimizers(model, h, rank=0, world_size=1):
+    """Muon for 2-D block matrices; AdamW groups for the tied embedding, lookup tables and control tensors."""
+    groups = {"embed": [], "table": [], "scalar": [], "matrix": []}
+    for name, p in model.named_parameters():
+        if name == "tok_emb.weight":
+            groups["embed"].append(p)
+        elif name.endswith("table.weight"):
+            groups["table"].append(p)
+        elif p.ndim == 2 and not is_control(name):
+            groups["matrix"].append(p)
+        else:
+            groups["scalar"].append(p)
+    adam_groups = [dict(params=groups[k], lr=lr, base_lr=lr, weight_decay=wd) for k, lr, wd in
+                   (("embed", h.embed_lr, h.embed_wd), ("table", h.table_lr, h.table_wd), ("scalar", h.scalar_lr, h.scalar_wd))
+                   if groups[k]]
+    fused = next(model.parameters()).is_cuda
+    adam = torch.optim.AdamW(adam_groups, betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=fused)
+    muon = Muon(groups["matrix"], lr=h.matrix_lr, momentum=h.muon_momentum, weight_decay=h.muon_wd, ns_steps=h.muon_ns_steps,
+                polar=h.muon_ns == "polar", row_norm=h.muon_row_norm, rank=rank, world_size=world_size)
+    for group in muon.param_groups:
+        group["base_lr"] = h.matrix_lr
+    return [adam, muon]
+
+
+def lr_multiplier(h, step, elapsed_ms, cap_ms):
+    """1 until the last WARMDOWN_FRAC of the run (by wall clock or steps, whichever ends first), then linear to MIN_LR."""
+    frac = step / h.iterations
+    if cap_ms > 0:
+        frac = max(frac, elapsed_ms / cap_ms)
+    if h.warmdown_frac <= 0 or frac < 1 - h.warmdown_frac:
+        return 1.0
+    return max((1 - frac) / h.warmdown_frac, h.min_lr)
+
+
+def muon_momentum(h, step):
+    f = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps else 1.0
+    return (1 - f) * h.muon_momentum_warmup_start + f * h.muon_momentum
+
+
+class WeightAverager:
+    """EMA (e <- d*e + (1-d)*w every step) or SWA (uniform mean of snapshots every SWA_EVERY steps once the LR
+    multiplier < SWA_START_LR_SCALE); `apply_to` loads the average, which is what gets exported."""
+
+    def __init__(self, model, h):
+        self.mode, self.h = h.averaging, h
+        self.params = [p for p in model.parameters()]
+        self.avg = [p.detach().float().clone() for p in self.params] if self.mode == "ema" else \
+            [torch.zeros_like(p, dtype=torch.float32) for p in self.params] if self.mode == "swa" else []
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, step, lr_scale):
+        current = [p.detach().float() for p in self.params]
+        if self.mode == "ema":
+            torch._foreach_lerp_(self.avg, current, 1 - self.h.ema_decay)
+        elif self.mode == "swa" and lr_scale < self.h.swa_start_lr_scale and step % self.h.swa_every == 0:
+            torch._foreach_add_(self.avg, current)
+            self.count += 1
+
+    @torch.no_grad()
+    def apply_to(self, model):
+        """Returns a short description of what was loaded."""
+        if self.mode == "none" or (self.mode == "swa" and self.count == 0):
+            return "live weights" + (" (SWA collected no snapshot)" if self.mode == "swa" else "")
+        scale = 1.0 / self.count if self.mode == "swa" else 1.0
+        for p, a in zip(model.parameters(), self.avg):
+            p.copy_(a * scale)
+        return f"EMA decay {self.h.ema_decay}" if self.mode == "ema" else f"SWA of {self.count} snapshots"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quantization and export: per-row int-k codes (GPTQ or rounding), fp16 passthrough, zstd-22.
+
+def export_plan(name, tensor, h):
+    """(bits, clip_k) for a tensor that is quantized, None for fp16 passthrough. QAT uses the same plan."""
+    if name == "tok_emb.weight" or name.endswith("table.weight"):
+        return (h.embed_bits, h.embed_clip_k) if h.embed_bits <= 8 else None
+    if name.startswith("blocks.") and tensor.ndim == 2 and not is_control(name):
+        return (h.mlp_bits, h.mlp_clip_k) if ".mlp." in name else (h.attn_bits, h.attn_clip_k)
+    return None
+
+
+def search_clip_scales(w, bits, quantiles=(0.999, 0.9995, 0.9999, 0.99999, 1.0)):
+    """GPTQ-lite: per row, the clip quantile of |w| whose rounding has the lowest squared error."""
+    w = w.float()
+    best_scale, best_err = None, None
+    for qt in quantiles:
+        clip = torch.quantile(w.abs(), qt, dim=1) if qt < 1 else w.abs().amax(dim=1)
+        scale = (clip / (2 ** (bits - 1) - 1)).half().float().clamp_min(2 ** -24)
+        err = (quantize_rows(w, scale, bits) * scale[:, None] - w).square().sum(1)
+        if best_scale is None:
+            best_scale, best_err = scale, err
+        else:
+            better = err < best_err
+            best_scale, best_err = torch.where(better, scale, best_scale), torch.minimum(err, best_err)
+    return best_scale
+
+
+def gptq_quantize(w, hessian, scale, bits, block=128, damp=0.01):
+    """Full-Hessian GPTQ: quantize columns in order of decreasing H_ii, pushing each rounding error onto the
+    not-yet-quantized columns through the Cholesky factor of H^-1. Returns integer codes (as float)."""
+    qmax = 2 ** (bits - 1) - 1
+    w, H = w.float().clone(), hessian.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    H += damp * torch.diag(H).mean() * torch.eye(H.size(0), device=H.device)
+    order = torch.argsort(torch.diag(H), descending=True)
+    w, H = w[:, order], H[order][:, order]
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes = torch.zeros_like(w)
+    s = scale.float()
+    for i1 in range(0, w.size(1), block):
+        i2 = min(i1 + block, w.size(1))
+        wb, errs = w[:, i1:i2].clone(), torch.zeros(w.size(0), i2 - i1, device=w.device)
+        for j in range(i2 - i1):
+            q = torch.clamp(torch.round(wb[:, j] / s), -qmax, qmax)
+            codes[:, i1 + j] = q
+            err = (wb[:, j] - q * s) / U[i1 + j, i1 + j]
+            wb[:, j:] -= err[:, None] * U[i1 + j, i1 + j:i2][None, :]
+            errs[:, j] = err
+        w[:, i2:] -= errs @ U[i1:i2, i2:]
+    return codes[:, torch.argsort(order)]
+
+
+def quantize_state(state, h, hessians=None, widen=1.0):
+    """{name: {"codes", "scale", "bits"} or {"raw"}}; widen > 1 coarsens every grid to shrink the file."""
+    out = {}
+    for name, t in state.items():
+        plan = export_plan(name, t, h)
+        if plan is None:
+            out[name] = {"raw": t.detach().to(torch.float16).cpu()}
+            continue
+        bits, clip_k = plan
+        w = t.detach().float()
+        scale = sdclip_scales(w, bits, clip_k) if h.export_clip == "sdclip" else search_clip_scales(w, bits)
+        if widen != 1.0:
+            scale = (scale * widen).half().float()
+        if hessians is not None and name in hessians:
+            codes = gptq_quantize(w, hessians[name].to(w.device), scale, bits, h.gptq_block, h.gptq_damp)
+        else:
+            codes = quantize_rows(w, scale, bits)
+        out[name] = {"codes": codes.to(torch.int8).cpu(), "scale": scale.half().cpu(), "bits": bits}
+    return out
+
+
+def dequantize_state(qstate):
+    return {name: (e["codes"].float() * e["scale"].float()[:, None]) if "codes" in e else e["raw"].float()
+            for name, e in qstate.items()}
+
+
+ARTIFACT_MAGIC = b"PGQ1"
+
+
+def byte_shuffle(data):
+    """Put the low bytes of all 16-bit values first, then the high bytes (zstd finds more repeats)."""
+    return data[0::2] + data[1::2]
+
+
+def byte_unshuffle(data):
+    half = len(data) // 2
+    out = bytearray(len(data))
+    out[0::2], out[1::2] = data[:half], data[half:]
+    return bytes(out)
+
+
+def serialize_quantized(qstate, level=22, shuffle=None):
+    """MAGIC | u32 header length | JSON header | int8 codes | 16-bit data (optionally byte-shuffled), all zstd'd.
+    shuffle=None tries both and keeps the smaller file."""
+    header, codes, halves = [], [], []
+    for name, e in qstate.items():
+        if "codes" in e:
+            header.append([name, list(e["codes"].shape), e["bits"]])
+            codes.append(e["codes"].numpy().tobytes())
+            halves.append(e["scale"].numpy().tobytes())
+        else:
+            header.append([name, list(e["raw"].shape), 16])
+            halves.append(e["raw"].numpy().tobytes())
+    code_bytes, half_bytes = b"".join(codes), b"".join(halves)
+    blobs = []
+    for flag in ([False, True] if shuffle is None else [shuffle]):
+        head = json.dumps({"tensors": header, "shuffle": flag}).encode()
+        body = ARTIFACT_MAGIC + len(head).to_bytes(4, "little") + head + code_bytes + (byte_shuffle(half_bytes) if flag else half_bytes)
+        blobs.append(zstandard.ZstdCompressor(level=level).compress(body))
+    return min(blobs, key=len)
+
+
+def deserialize_quantized(blob):
+    body = zstandard.ZstdDecompressor().decompress(blob)
+    if body[:4] != ARTIFACT_MAGIC:
+        raise DataError("model file is not a PGQ1 artifact")
+    n = int.from_bytes(body[4:8], "little")
+    meta = json.loads(body[8:8 + n])
+    total_codes = sum(math.prod(shape) for _, shape, bits in meta["tensors"] if bits <= 8)
+    codes = body[8 + n:8 + n + total_codes]
+    halves = body[8 + n + total_codes:]
+    halves = byte_unshuffle(halves) if meta["shuffle"] else halves
+    out, c, f = {}, 0, 0
+    for name, shape, bits in meta["tensors"]:
+        if bits <= 8:
+            k, rows = math.prod(shape), shape[0]
+            out[name] = {"codes": torch.frombuffer(bytearray(codes[c:c + k]), dtype=torch.int8).view(shape),
+                         "scale": torch.frombuffer(bytearray(halves[f:f + 2 * rows]), dtype=torch.float16).clone(), "bits": bits}
+            c, f = c + k, f + 2 * rows
+        else:
+            k = math.prod(shape)
+            out[name] = {"raw": torch.frombuffer(bytearray(halves[f:f + 2 * k]), dtype=torch.float16).view(shape).clone()}
+            f += 2 * k
+    return out
+
+
+def estimate_model_bytes(state, h):
+    """Compressed-size estimate: b - log2(k) + 0.5*log2(pi*e/2) bits per quantized weight (Gaussian SDClip),
+    plus 2 bytes per row scale and per passthrough value."""
+    bits = 0.0
+    for name, t in state.items():
+        plan = export_plan(name, t, h)
+        if plan is None:
+            bits += 16 * t.numel()
+        else:
+            per_weight = plan[0] - math.log2(plan[1]) + 0.5 * math.log2(math.pi * math.e / 2)
+            bits += t.numel() * max(per_weight, 0.5) + 16 * t.size(0)
+    return int(bits / 8)
+
+
+def export_artifact(state, h, code_bytes, hessians=None, log=print):
+    """Quantize and compress; if code + model exceed the cap, widen every clip grid and retry (logged).
+    Returns (blob, qstate, widen). Raises rather than return an over-cap artifact."""
+    n_quant = sum(t.numel() for name, t in state.items() if export_plan(name, t, h))
+    widen = 1.0
+    for _ in range(12):
+        qstate = quantize_state(state, h, hessians, widen)
+        blob = serialize_quantized(qstate, h.zstd_level, h.byte_shuffle)
+        total = len(blob) + code_bytes
+        if total <= h.artifact_cap_bytes:
+            return blob, qstate, widen
+        excess_bits = 8.0 * (total - h.artifact_cap_bytes) / max(n_quant, 1)
+        widen *= 2 ** excess_bits * 1.02
+        log(f"artifact_fit: total {total} bytes > cap {h.artifact_cap_bytes}; widening every clip grid to x{widen:.4f}")
+    raise RuntimeError(f"could not fit the artifact under {h.artifact_cap_bytes} bytes (last total {total}); not writing it")
+
+
+@torch.no_grad()
+def collect_hessians(model, batches, h, autocast):
+    """H = mean X^T X over training batches for each exported linear's input and for the final-norm output
+    (the tied embedding's input as LM head). All-reduced over ranks."""
+    hessians, hooks = {}, []
+
+    def accumulate(key):
+        def hook(module, inputs, output):
+            x = (inputs[0] if isinstance(module, CastedLinear) else output).detach().float()
+            x = x.reshape(-1, x.size(-1))
+            hessians[key] = hessians.get(key, 0) + x.T @ x / x.size(0)
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, CastedLinear) and name.startswith("blocks.") and export_plan(name + ".weight", module.weight, h):
+            hooks.append(module.register_forward_hook(accumulate(name + ".weight")))
+    if export_plan("tok_emb.weight", model.tok_emb.weight, h):
+        hooks.append(model.final_norm.register_forward_hook(accumulate("tok_emb.weight")))
+    n = 0
+    for x in batches:
+        with autocast:
+            model.forward_logits(x)
+        n += 1
+    for hook in hooks:
+        hook.remove()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    for key in hessians:
+        if world > 1:
+            dist.all_reduce(hessians[key])
+        hessians[key] /= n * world
+    return hessians
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation: windows of seq_len starting every `stride` tokens; each target is scored exactly once.
+
+def window_starts(n_targets, seq_len, stride):
+    """RULES section 8: the first window scores all its targets, later ones only their last `stride`."""
+    starts = torch.arange(0, n_targets, stride)
+    return starts[starts + (seq_len - stride) < n_targets]
+
+
+@torch.no_grad()
+def evaluate(logits_fn, tokens, luts, seq_len, stride, batch_seqs, rank=0, world_size=1):
+    """Exact val_loss (nats/token) and val_bpb over every target of `tokens`; windows split contiguously
+    over ranks, float64 sums all-reduced. stride == seq_len gives non-overlapping windows."""
+    device = luts[0].device
+    n = tokens.numel() - 1
+    tokens = tokens.to(device)
+    starts = window_starts(n, seq_len, stride)
+    lo, hi = len(starts) * rank // world_size, len(starts) * (rank + 1) // world_size
+    pos = torch.arange(seq_len, device=device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, targets, bytes
+    for b in range(lo, hi, batch_seqs):
+        ws = starts[b:min(b + batch_seqs, hi)].to(device)
+        ws = F.pad(ws, (0, batch_seqs - len(ws)), value=n)  # padded windows score nothing; shapes stay fixed
+        idx = ws[:, None] + pos
+        first = torch.where(ws == 0, 0, seq_len - stride)
+        scored = (idx < n) & (pos >= first[:, None])
+        x, y = tokens[idx.clamp(max=n)], tokens[(idx + 1).clamp(max=n)]
+        logits = logits_fn(x)
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(y.shape)
+        sums[0] += nll[scored].double().sum()
+        sums[1] += scored.sum()
+        sums[2] += target_bytes(luts, x, y)[scored].sum()
+    if world_size > 1:
+        dist.all_reduce(sums)
+    if int(sums[1]) != n:
+        raise RuntimeError(f"evaluation scored {int(sums[1])} targets, expected each of {n} exactly once")
+    nll, count, nbytes = sums.tolist()
+    return {"val_loss": nll / count, "val_bpb": nll / (math.log(2) * nbytes), "tokens": int(count), "bytes": int(nbytes)}
+
+
+def make_logits_fn(model, compile_model, autocast):
+    fn = torch.compile(model.forward_logits, dynamic=False, fullgraph=True) if compile_model else model.forward_logits
+
+    def logits(x):
+        with autocast:
+            return fn(x)
+    return logits
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main: set-up, compile warm-up (rolled back), timed training, averaging, Hessians, export, roundtrip eval.
+
+class Logger:
+    """Prints on rank 0 and appends to logs/<RUN_ID>.txt; other ranks stay silent."""
+
+    def __init__(self, path):
+        self.path = path
+        if path:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+
+    def __call__(self, message, console=True):
+        if not self.path:
+            return
+        if console:
+            print(message, flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(message + "\n")
+
+
+def describe_hardware(device, world_size):
+    if device.type != "cuda":
+        return f"{world_size}x CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return f"{world_size}x {torch.cuda.get_device_name(device)}"
+
+
+def run_header(h, device, world_size):
+    lines = ["=" * 100, Path(__file__).read_text(encoding="utf-8"), "=" * 100,
+             f"python {sys.version.split()[0]} torch {torch.__version__} numpy {np.__version__} "
+             f"sentencepiece {spm.__version__} zstandard {zstandard.__version__} platform {platform.platform()}",
+             f"hardware: {describe_hardware(device, world_size)}"]
+    if device.type == "cuda":
+        try:
+            lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout)
+        except (OSError, subprocess.SubprocessError) as e:
+            lines.append(f"nvidia-smi unavailable: {e}")
+    lines.append("settings: " + " ".join(f"{n}={getattr(h, n.lower())}" for n, *_ in HYPERPARAMETERS))
+    return "\n".join(lines)
+
+
+def setup_distributed():
+    rank, world_size, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    elif world_size > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+    if world_size > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def main():
+    h = Hyperparameters()
+    rank, world_size, device = setup_distributed()
+    master, is_cuda = rank == 0, device.type == "cuda"
+    accum, local_tokens = h.batch_layout(world_size)
+    compile_model = is_cuda if h.compile is None else h.compile
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=is_cuda)
+
+    def sync():
+        if is_cuda:
+            torch.cuda.synchronize()
+
+    log = Logger(os.path.join(h.log_dir, f"{h.run_id}.txt") if master else None)
+    log(run_header(h, device, world_size), console=False)
+    torch.manual_seed(h.seed)
+    np.random.seed(h.seed)
+
+    sp = load_tokenizer(h.tokenizer_path)
+    h.check_tokenizer(sp)
+    luts = tuple(t.to(device) for t in build_byte_luts(sp, h.vocab_size))
+    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.tokenizer_path}")
+    _, train_files = find_shards(h.data_path, "train")
+    log(f"train_loader:dataset:{Path(h.data_path).name} train_shards:{len(train_files)}")
+    val_pattern, val_tokens = load_validation_tokens(h.data_path, h.eval_seq_len)
+    log(f"val_loader:shards pattern={val_pattern} tokens:{val_tokens.numel() - 1}")
+
+    model = build_model(h).to(device)
+    log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    code_bytes = len(Path(__file__).read_bytes())
+    estimate = estimate_model_bytes(model.state_dict(), h) + code_bytes
+    log(f"artifact_estimate: ~{estimate} bytes incl. code {code_bytes} (cap {h.artifact_cap_bytes})")
+    if estimate > h.artifact_cap_bytes:
+        log(f"WARNING: the estimated artifact exceeds the cap by ~{estimate - h.artifact_cap_bytes} bytes; export will widen "
+            f"the clip grids to fit (costs accuracy). Lower the width/depth or raise *_CLIP_K.")
+    log(f"world_size:{world_size} grad_accum_steps:{accum}")
+    optimizers = build_optimizers(model, h, rank, world_size)
+    train_model = model
+    if compile_model:
+        optimizers[1].orthogonalize = torch.compile(orthogonalize)
+        train_model = torch.compile(model, dynamic=False, fullgraph=True)
+    if world_size > 1:
+        train_model = DDP(train_model, device_ids=[device.index] if is_cuda else None, broadcast_buffers=False)
+
+    def train_step(step, loader, lr_scale):
+        total = torch.zeros((), device=device)
+        for micro in range(accum):
+            x, y = loader.next_batch(local_tokens, h.train_seq_len)
+            if world_size > 1:
+                train_model.require_backward_grad_sync = micro == accum - 1
+            with autocast:
+                loss = train_model(x, y)
+            (loss / accum).backward()
+            total += loss.detach()
+        if h.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_scale
+        for group in optimizers[1].param_groups:
+            group["momentum"] = muon_momentum(h, step)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return total / accum
+
+    if h.warmup_steps:  # compile and autotune on real steps, then restore weights, optimizer state and data
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+        warmup_loader = DistributedTokenLoader(train_files, rank, world_size, device)
+        for i in range(h.warmup_steps):
+            train_step(0, warmup_loader, 1.0)
+            log(f"warmup_step:{i + 1}/{h.warmup_steps}")
+        model.load_state_dict(weights)
+        for opt, state in zip(optimizers, states):
+            opt.load_state_dict(state)
+
+    loader = DistributedTokenLoader(train_files, rank, world_size, device)
+    averager = WeightAverager(model, h)
+    reserve_ms = 1000 * h.gptq_reserve_seconds if h.gptq else 0.0
+    cap_ms = 1000 * h.max_wallclock_seconds - reserve_ms if h.max_wallclock_seconds else 0.0
+    qat_live = h.qat == "on"
+    step, train_ms, stop = 0, 0.0, False
+    sync()
+    t0 = time.perf_counter()
+    while True:
+        last = stop or step >= h.iterations
+        if h.val_loss_every and step > 0 and (last or step % h.val_loss_every == 0):
+            sync()
+            train_ms += 1000 * (time.perf_counter() - t0)
+            res = evaluate(make_logits_fn(model, False, autocast), val_tokens, luts, h.eval_seq_len, h.eval_seq_len,
+                           h.eval_batch_seqs, rank, world_size)
+            log(f"step:{step}/{h.iterations} val_loss:{res['val_loss']:.4f} val_bpb:{res['val_bpb']:.4f} "
+                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / step:.2f}ms")
+            sync()
+            t0 = time.perf_counter()
+        if last:
+            break
+        scale = lr_multiplier(h, step, train_ms + 1000 * (time.perf_counter() - t0), cap_ms)
+        if h.qat == "late" and not qat_live and scale < h.qat_start_lr_scale:
+            model.set_qat(1.0)
+            qat_live = True
+            log(f"late_qat:on step:{step} lr_scale:{scale:.4f}")
+        loss = train_step(step, loader, scale)
+        step += 1
+        averager.update(step, scale)
+        approx_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        reached = torch.tensor(float(cap_ms > 0 and approx_ms >= cap_ms), device=device)
+        if world_size > 1:
+            dist.all_reduce(reached, op=dist.ReduceOp.MAX)
+        stop = bool(reached.item())
+        if step <= 10 or step % h.train_log_every == 0 or stop or step == h.iterations:
+            if world_size > 1:
+                dist.all_reduce(loss)
+                loss /= world_size
+            log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{approx_ms:.0f}ms step_avg:{approx_ms / step:.2f}ms")
+        if stop:
+            log(f"stopping_early: wallclock_cap train_time:{approx_ms:.0f}ms step:{step}/{h.iterations}")
+    sync()
+    train_ms += 1000 * (time.perf_counter() - t0)
+    if is_cuda:
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    log(f"weight_averaging: exporting {averager.apply_to(model)}")
+    model.set_qat(0.0)
+
+    hessians, hessian_ms = None, 0.0
+    if h.gptq:  # reading training data counts as training: this runs inside the clock, in the reserve
+        t = time.perf_counter()
+        batches = (loader.next_batch(local_tokens, h.train_seq_len)[0] for _ in range(h.gptq_calib_batches))
+        hessians = collect_hessians(model, batches, h, autocast)
+        sync()
+        hessian_ms = 1000 * (time.perf_counter() - t)
+        log(f"gptq_hessians: batches:{h.gptq_calib_batches}x{world_size} train_ms:{train_ms:.0f} hessian_ms:{hessian_ms:.0f} "
+            f"total:{train_ms + hessian_ms:.0f}ms reserve:{reserve_ms:.0f}ms")
+    clock_ms = train_ms + hessian_ms
+    if h.max_wallclock_seconds and clock_ms > 1000 * h.max_wallclock_seconds:
+        log(f"WARNING: training + Hessians took {clock_ms:.0f}ms > {1000 * h.max_wallclock_seconds:.0f}ms; raise GPTQ_RESERVE_SECONDS")
+
+    pre = evaluate(make_logits_fn(model, False, autocast), val_tokens, luts, h.eval_seq_len, h.eval_seq_len,
+                   h.eval_batch_seqs, rank, world_size)
+    log(f"pre_quant val_loss:{pre['val_loss']:.4f} val_bpb:{pre['val_bpb']:.4f}")
+
+    artifact = Path(h.output_dir) / "final_model.int6.ptz"
+    if master:
+        t = time.perf_counter()
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        blob, _, widen = export_artifact(state, h, code_bytes, hessians, log)
+        artifact.parent.mkdir(parents=True, exist_ok=True)
+        artifact.write_bytes(blob)
+        disk_total = artifact.stat().st_size + Path(__file__).stat().st_size
+        log(f"Serialized model int6+zstd: {len(blob)} bytes (export {1000 * (time.perf_counter() - t):.0f}ms, "
+            f"gptq:{hessians is not None} clip_widen:x{widen:.4f})")
+        log(f"Code size: {code_bytes} bytes")
+        log(f"Total submission size int6+zstd: {len(blob) + code_bytes} bytes (on disk {disk_total}, cap {h.artifact_cap_bytes})")
+        assert disk_total == len(blob) + code_bytes <= h.artifact_cap_bytes
+    if world_size > 1:
+        dist.barrier()
+
+    # The eval clock runs from opening the artifact to the last score: decompression, build, compile, both passes.
+    t_eval = time.perf_counter()
+    eval_model = build_model(h).to(device)
+    eval_model.set_qat(0.0)
+    eval_model.load_state_dict(dequantize_state(deserialize_quantized(artifact.read_bytes())), strict=True)
+    logits_fn = make_logits_fn(eval_model, compile_model, autocast)
+    if compile_model:  # compile on random tokens, never validation tokens
+        logits_fn(torch.randint(0, h.vocab_size, (h.eval_batch_seqs, h.eval_seq_len), device=device))
+    results = {}
+    for tag, stride in (("final_int6_zstd_roundtrip", h.eval_seq_len), ("final_int6_sliding_window", h.eval_stride)):
+        sync()
+        t = time.perf_counter()
+        res = results[tag] = evaluate(logits_fn, val_tokens, luts, h.eval_seq_len, stride, h.eval_batch_seqs, rank, world_size)
+        sync()
+        log(f"{tag} val_loss:{res['val_loss']:.4f} val_bpb:{res['val_bpb']:.4f} eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
+        log(f"{tag}_exact val_loss:{res['val_loss']:.8f} val_bpb:{res['val_bpb']:.8f}")
+        log(f"{tag}_counts targets:{res['tokens']} bytes:{res['bytes']} stride:{stride} seq_len:{h.eval_seq_len}")
+    eval_ms = 1000 * (time.perf_counter() - t_eval)
+    final, roundtrip = results["final_int6_sliding_window"], results["final_int6_zstd_roundtrip"]
+    log(f"eval_budget: eval_time:{eval_ms:.0f}ms of 600000ms (artifact open to last score)")
+    log(f"quant_gap: pre_quant val_bpb:{pre['val_bpb']:.6f} roundtrip val_bpb:{roundtrip['val_bpb']:.6f} "
+        f"gap:{roundtrip['val_bpb'] - pre['val_bpb']:+.6f}")
+    log(f"final_int8_zlib_roundtrip_exact val_loss:{final['val_loss']:.8f} val_bpb:{final['val_bpb']:.8f}")
+
+    if master:
+        model_bytes = artifact.stat().st_size
+        submission = {
+            "author": h.author, "github_id": h.github_id, "name": h.run_name, "date": time.strftime("%Y-%m-%d"),
+            "blurb": f"{h.num_layers}L d{h.model_dim} MLP{h.mlp_mult:g}x {h.mlp_act}, XSA-{h.xsa_last_n}, Muon "
+                     f"{h.muon_ns}, {h.averaging.upper()}, int{h.mlp_bits}/{h.attn_bits} {'GPTQ' if h.gptq else 'RTN'} + "
+                     f"zstd-{h.zstd_level}, sliding eval stride {h.eval_stride}",
+            "track": "10min_16mb", "val_loss": final["val_loss"], "val_bpb": final["val_bpb"],
+            "roundtrip_val_bpb": roundtrip["val_bpb"], "pre_quant_val_bpb": pre["val_bpb"],
+            "quant_gap_bpb": roundtrip["val_bpb"] - pre["val_bpb"],
+            "bytes_total": model_bytes + code_bytes, "bytes_code": code_bytes, "bytes_model": model_bytes,
+            "seed": h.seed, "seeds": [h.seed], "step_stop": step, "wallclock_seconds": clock_ms / 1000,
+            "train_time_ms": round(train_ms), "hessian_time_ms": round(hessian_ms), "eval_time_seconds": eval_ms / 1000,
+            "val_targets": final["tokens"], "val_bytes": final["bytes"],
+            "hardware": describe_hardware(device, world_size), "pytorch_version": torch.__version__,
+            "run_id": h.run_id, "log": os.path.join(h.log_dir, f"{h.run_id}.txt"),
+            "compliance": {"train_under_600s": clock_ms <= 600_000, "artifact_under_16mb": model_bytes + code_bytes <= 16_000_000,
+                           "eval_under_600s": eval_ms <= 600_000, "score_first_ttt": "no TTT", "three_seeds": False},
+        }
+        (Path(h.output_dir) / "submission.json").write_text(json.dumps(submission, indent=2) + "\n")
+        log(f"submission: wrote {Path(h.output_dir) / 'submission.json'}")
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
