@@ -1,0 +1,70 @@
+"""Shared fixtures: a small real-English dataset in the official shard format (stdlib docstrings, a
+1024-piece SentencePiece BPE model trained with the official settings), tiny-model settings, and a runner
+for train_gpt.py as a subprocess (1 process or torchrun with gloo)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import smoke_data  # noqa: E402
+import train_gpt  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+DOCS_TOKENIZER = SHARED / "tokenizers" / "docs_1024_bpe.model"
+DOCS_TINY = SHARED / "docs_sp1024_tiny"
+
+# A small model with every default switch on; tests override what they need.
+TINY = dict(NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2", ROPE_DIMS="8",
+            XSA_LAST_N="4", BIGRAM_BUCKETS="64", BIGRAM_DIM="16", TRAIN_SEQ_LEN="64", VOCAB_SIZE="1024")
+
+
+def make_h(**overrides):
+    """Hyperparameters for the tiny model, with overrides given as NAME=value (strings or numbers)."""
+    env = dict(TINY)
+    env.update({k: str(v) for k, v in overrides.items()})
+    return train_gpt.Hyperparameters(env)
+
+
+@pytest.fixture(scope="session")
+def smoke_dataset(tmp_path_factory):
+    """(data_path, tokenizer_path) of a ~1/3 MB-token docstring dataset built once per session."""
+    out = tmp_path_factory.mktemp("smoke_data")
+    return smoke_data.build_dataset(out, max_docs=1500)
+
+
+@pytest.fixture(scope="session")
+def smoke_tokenizer(smoke_dataset):
+    return train_gpt.load_tokenizer(str(smoke_dataset[1]))
+
+
+def run_train(env, out_dir, nproc=1, timeout=600):
+    """Run train_gpt.py (python, or torchrun --nproc_per_node=nproc) with `env` on top of the current
+    environment; returns (completed process, log text). Logs and artifacts go to out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    full = dict(os.environ)
+    full.update({k: str(v) for k, v in env.items()})
+    full.setdefault("RUN_ID", "test")
+    full.update(LOG_DIR=str(out_dir / "logs"), OUTPUT_DIR=str(out_dir), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
+    if nproc == 1:
+        cmd = [sys.executable, str(ROOT / "train_gpt.py")]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(ROOT / "train_gpt.py")]
+    proc = subprocess.run(cmd, env=full, cwd=str(out_dir), capture_output=True, text=True, timeout=timeout)
+    log_path = out_dir / "logs" / f"{full['RUN_ID']}.txt"
+    return proc, (log_path.read_text() if log_path.exists() else "")
+
+
+def tiny_run_env(dataset, **overrides):
+    """Settings for a short CPU training run of the tiny model on `dataset` (data_path, tokenizer_path)."""
+    env = dict(TINY, DATA_PATH=str(dataset[0]), TOKENIZER_PATH=str(dataset[1]), TRAIN_BATCH_TOKENS="2048",
+               GRAD_ACCUM_STEPS="1", ITERATIONS="12", WARMUP_STEPS="2", MAX_WALLCLOCK_SECONDS="0",
+               TRAIN_LOG_EVERY="4", VAL_LOSS_EVERY="0", EVAL_STRIDE="32", GPTQ_CALIB_BATCHES="2", COMPILE="0")
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
