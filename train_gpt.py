@@ -193,8 +193,10 @@ class Hyperparameters:
         need(not (self.smear_gate or self.attn_gate) or self.model_dim >= 12, "SMEAR_GATE and ATTN_GATE need MODEL_DIM >= 12")
         need(self.bigram_buckets != 1, "BIGRAM_BUCKETS must be 0 (off) or >= 2")
         need(not self.ve_dim or all(0 <= i < self.num_layers for i in self.ve_layers), f"VE_LAYERS must name layers in 0..{self.num_layers - 1}; got {self.ve_layers}")
-        for name in ("WARMDOWN_FRAC", "MIN_LR", "EMA_DECAY", "SWA_START_LR_SCALE", "QAT_START_LR_SCALE", "BETA1", "BETA2"):
+        for name in ("WARMDOWN_FRAC", "MIN_LR", "SWA_START_LR_SCALE", "QAT_START_LR_SCALE"):
             need(getattr(self, name.lower()) <= 1, f"{name} must be in [0, 1]; got {getattr(self, name.lower())}")
+        for name in ("EMA_DECAY", "BETA1", "BETA2"):
+            need(getattr(self, name.lower()) < 1, f"{name} must be in [0, 1); got {getattr(self, name.lower())}")
         for name in ("ATTN_BITS", "MLP_BITS"):
             need(getattr(self, name.lower()) <= 8, f"{name} must be in 2..8; got {getattr(self, name.lower())}")
         need(self.embed_bits <= 8 or self.embed_bits == 16, f"EMBED_BITS must be in 2..8 or 16; got {self.embed_bits}")
@@ -271,8 +273,13 @@ class TokenStream:
         chunks = []
         while n > 0:
             if self.pos >= len(self.tokens):
-                self.file_index = (self.file_index + 1) % len(self.files)
-                self.tokens, self.pos = read_shard(self.files[self.file_index]), 0
+                for _ in self.files:
+                    self.file_index = (self.file_index + 1) % len(self.files)
+                    self.tokens, self.pos = read_shard(self.files[self.file_index]), 0
+                    if len(self.tokens):
+                        break
+                else:
+                    raise DataError(f"every training shard is empty ({self.files[0]} ...)")
             k = min(n, len(self.tokens) - self.pos)
             chunks.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k
@@ -309,7 +316,10 @@ def load_validation_tokens(data_path, seq_len):
 def load_tokenizer(path):
     if not os.path.isfile(path):
         raise DataError(f"TOKENIZER_PATH {path} does not exist. {DOWNLOAD_HINT}")
-    return spm.SentencePieceProcessor(model_file=str(path))
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as error:
+        raise DataError(f"TOKENIZER_PATH {path} is not a SentencePiece model: {error}") from None
 
 
 def build_byte_luts(sp, vocab_size):
