@@ -192,6 +192,7 @@ class Hyperparameters:
         need(self.xsa_last_n <= self.num_layers, f"XSA_LAST_N must be <= NUM_LAYERS ({self.num_layers}); got {self.xsa_last_n}")
         need(not (self.smear_gate or self.attn_gate) or self.model_dim >= 12, "SMEAR_GATE and ATTN_GATE need MODEL_DIM >= 12")
         need(self.bigram_buckets != 1, "BIGRAM_BUCKETS must be 0 (off) or >= 2")
+        need(len(set(self.ve_layers)) == len(self.ve_layers), f"VE_LAYERS must not repeat a layer; got {self.ve_layers}")
         need(not self.ve_dim or all(0 <= i < self.num_layers for i in self.ve_layers), f"VE_LAYERS must name layers in 0..{self.num_layers - 1}; got {self.ve_layers}")
         for name in ("WARMDOWN_FRAC", "MIN_LR", "SWA_START_LR_SCALE", "QAT_START_LR_SCALE"):
             need(getattr(self, name.lower()) <= 1, f"{name} must be in [0, 1]; got {getattr(self, name.lower())}")
