@@ -202,6 +202,7 @@ class Hyperparameters:
             need(getattr(self, name.lower()) <= 8, f"{name} must be in 2..8; got {getattr(self, name.lower())}")
         need(self.embed_bits <= 8 or self.embed_bits == 16, f"EMBED_BITS must be in 2..8 or 16; got {self.embed_bits}")
         need(self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE ({self.eval_stride}) must be <= EVAL_SEQ_LEN ({self.eval_seq_len})")
+        need(self.qat == "off" or self.export_clip == "sdclip", "QAT needs EXPORT_CLIP=sdclip: the STE grid is the SDClip grid")
         need(self.zstd_level <= 22, f"ZSTD_LEVEL must be in 1..22; got {self.zstd_level}")
         need(not (self.gptq and self.max_wallclock_seconds) or self.gptq_reserve_seconds < self.max_wallclock_seconds,
              f"GPTQ_RESERVE_SECONDS ({self.gptq_reserve_seconds}) must be below MAX_WALLCLOCK_SECONDS ({self.max_wallclock_seconds})")
@@ -815,7 +816,7 @@ def quantize_state(state, h, hessians=None, widen=1.0):
         w = t.detach().float()
         scale = sdclip_scales(w, bits, clip_k) if h.export_clip == "sdclip" else search_clip_scales(w, bits)
         if widen != 1.0:
-            scale = (scale * widen).half().float()
+            scale = (scale * widen).clamp(max=65504).half().float()  # stay finite in fp16
         if hessians is not None and name in hessians:
             codes = gptq_quantize(w, hessians[name].to(w.device), scale, bits, h.gptq_block, h.gptq_damp)
         else:

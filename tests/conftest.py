@@ -51,7 +51,7 @@ def run_train(env, out_dir, nproc=1, timeout=600):
     full = dict(os.environ)
     full.update({k: str(v) for k, v in env.items()})
     full.setdefault("RUN_ID", "test")
-    full.update(LOG_DIR=str(out_dir / "logs"), OUTPUT_DIR=str(out_dir), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
+    full.update(LOG_DIR=str(out_dir / "logs"), OUTPUT_DIR=str(out_dir), OMP_NUM_THREADS="1")
     if nproc == 1:
         cmd = [sys.executable, str(ROOT / "train_gpt.py")]
     else:
