@@ -830,7 +830,7 @@ def dequantize_state(qstate):
             for name, e in qstate.items()}
 
 
-ARTIFACT_MAGIC = b"PGQ1"
+ARTIFACT_MAGIC = b"PGQ2"
 
 
 def byte_shuffle(data):
@@ -846,45 +846,47 @@ def byte_unshuffle(data):
 
 
 def serialize_quantized(qstate, level=22, shuffle=None):
-    """MAGIC | u32 header length | JSON header | int8 codes | 16-bit data (optionally byte-shuffled), all zstd'd.
-    shuffle=None tries both and keeps the smaller file."""
-    header, codes, halves = [], [], []
+    """MAGIC | u32 header length | JSON header | zstd(int8 codes) | zstd(16-bit data, optionally byte-shuffled).
+    The codes frame only takes matches of >= 6 bytes: on noise-like codes zstd-22's 3-byte matches cost more
+    than they save, by up to 11 % (3.85 vs 3.47 bits per int6 code on the full model, measured).
+    shuffle=None keeps the smaller of both options for the 16-bit data."""
+    tensors, codes, halves = [], [], []
     for name, e in qstate.items():
         if "codes" in e:
-            header.append([name, list(e["codes"].shape), e["bits"]])
+            tensors.append([name, list(e["codes"].shape), e["bits"]])
             codes.append(e["codes"].numpy().tobytes())
             halves.append(e["scale"].numpy().tobytes())
         else:
-            header.append([name, list(e["raw"].shape), 16])
+            tensors.append([name, list(e["raw"].shape), 16])
             halves.append(e["raw"].numpy().tobytes())
-    code_bytes, half_bytes = b"".join(codes), b"".join(halves)
-    blobs = []
-    for flag in ([False, True] if shuffle is None else [shuffle]):
-        head = json.dumps({"tensors": header, "shuffle": flag}).encode()
-        body = ARTIFACT_MAGIC + len(head).to_bytes(4, "little") + head + code_bytes + (byte_shuffle(half_bytes) if flag else half_bytes)
-        blobs.append(zstandard.ZstdCompressor(level=level).compress(body))
-    return min(blobs, key=len)
+    compress = zstandard.ZstdCompressor(level=level).compress
+    code_params = zstandard.ZstdCompressionParameters.from_level(level, min_match=6)
+    code_frame = zstandard.ZstdCompressor(compression_params=code_params).compress(b"".join(codes))
+    half_bytes = b"".join(halves)
+    flag, half_frame = min(((f, compress(byte_shuffle(half_bytes) if f else half_bytes))
+                            for f in ([False, True] if shuffle is None else [shuffle])), key=lambda x: len(x[1]))
+    head = json.dumps({"tensors": tensors, "shuffle": flag, "code_frame_bytes": len(code_frame)}).encode()
+    return ARTIFACT_MAGIC + len(head).to_bytes(4, "little") + head + code_frame + half_frame
 
 
 def deserialize_quantized(blob):
-    body = zstandard.ZstdDecompressor().decompress(blob)
-    if body[:4] != ARTIFACT_MAGIC:
-        raise DataError("model file is not a PGQ1 artifact")
-    n = int.from_bytes(body[4:8], "little")
-    meta = json.loads(body[8:8 + n])
-    total_codes = sum(math.prod(shape) for _, shape, bits in meta["tensors"] if bits <= 8)
-    codes = body[8 + n:8 + n + total_codes]
-    halves = body[8 + n + total_codes:]
+    if blob[:4] != ARTIFACT_MAGIC:
+        raise DataError(f"model file is not a {ARTIFACT_MAGIC.decode()} artifact")
+    n = int.from_bytes(blob[4:8], "little")
+    meta = json.loads(blob[8:8 + n])
+    split = 8 + n + meta["code_frame_bytes"]
+    codes = zstandard.ZstdDecompressor().decompress(blob[8 + n:split])
+    halves = zstandard.ZstdDecompressor().decompress(blob[split:])
     halves = byte_unshuffle(halves) if meta["shuffle"] else halves
     out, c, f = {}, 0, 0
     for name, shape, bits in meta["tensors"]:
+        k = math.prod(shape)
         if bits <= 8:
-            k, rows = math.prod(shape), shape[0]
+            rows = shape[0]
             out[name] = {"codes": torch.frombuffer(bytearray(codes[c:c + k]), dtype=torch.int8).view(shape),
                          "scale": torch.frombuffer(bytearray(halves[f:f + 2 * rows]), dtype=torch.float16).clone(), "bits": bits}
             c, f = c + k, f + 2 * rows
         else:
-            k = math.prod(shape)
             out[name] = {"raw": torch.frombuffer(bytearray(halves[f:f + 2 * k]), dtype=torch.float16).view(shape).clone()}
             f += 2 * k
     return out
