@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -74,13 +75,13 @@ HYPERPARAMETERS = [
     ("QK_GAIN_INIT", float, 5.0, 0, "initial per-head query gain after QK RMSNorm"),
     ("LN_SCALE", bool, True, None, "scale norm outputs of layer l by 1/sqrt(l+1)"),
     ("SKIP_GATES", bool, True, None, "sigmoid-gated U-Net skips (off: plain weighted skips)"),
-    ("XSA_LAST_N", int, 11, 0, "exclusive self-attention on the last N layers"),
+    ("XSA_LAST_N", int, -1, -1, "exclusive self-attention on the last N layers (-1: all layers)"),
     ("SMEAR_GATE", bool, True, None, "SmearGate v2 with BOS mask on the raw embedding"),
     ("BIGRAM_BUCKETS", int, 2816, 0, "BigramHash buckets (0: off)"),
     ("BIGRAM_DIM", int, 112, 1, "BigramHash table width"),
     ("ATTN_GATE", bool, True, None, "sparse attention-output gate sigmoid(0.5*W x[:12]) per head"),
     ("VE_DIM", int, 0, 0, "value-embedding width (0: off)"),
-    ("VE_LAYERS", str, "9,10", None, "comma list of layers that add value embeddings"),
+    ("VE_LAYERS", str, "-2,-1", None, "comma list of layers that add value embeddings (negative: from the last)"),
     ("LOGIT_SOFTCAP", float, 30.0, 0.01, "logit softcap c: z <- c*tanh(z/c)"),
     ("TIED_EMBED_INIT_STD", float, 0.005, 0, "tied embedding init std"),
     ("ORTHO_INIT", bool, True, None, "orthogonal init of linears with both dims >= 64 (off: PyTorch default)"),
@@ -163,6 +164,20 @@ def parse_setting(name, kind, raw, lower):
     return raw
 
 
+def parse_layer_list(name, text, num_layers):
+    """Comma list of layer indices; negative ones count from the last layer, so a default fits any depth."""
+    try:
+        raw = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{name} must be a comma list of layer indices; got {text!r}") from None
+    if any(not -num_layers <= i < num_layers for i in raw):
+        raise ConfigError(f"{name} must name layers in {-num_layers}..{num_layers - 1} (NUM_LAYERS={num_layers}); got {text!r}")
+    layers = [i % num_layers for i in raw]
+    if len(set(layers)) != len(layers):
+        raise ConfigError(f"{name} must not repeat a layer; got {text!r}")
+    return layers
+
+
 class Hyperparameters:
     """All settings, read from the environment (or a given mapping) and validated at construction."""
 
@@ -174,11 +189,9 @@ class Hyperparameters:
             setattr(self, name.lower(), None if value == "auto" and kind == "auto_bool" else value)
         self.run_id = self.run_id or uuid.uuid4().hex[:12]
         self.eval_seq_len = self.eval_seq_len or self.train_seq_len
-        try:
-            self.ve_layers = [int(x) for x in self.ve_layers.split(",") if x.strip()]
-        except ValueError:
-            raise ConfigError(f"VE_LAYERS must be a comma list of layer indices; got {self.ve_layers!r}") from None
         self.validate()
+        self.xsa_last_n = self.num_layers if self.xsa_last_n < 0 else self.xsa_last_n
+        self.ve_layers = parse_layer_list("VE_LAYERS", self.ve_layers, self.num_layers) if self.ve_dim else []
 
     def validate(self):
         def need(ok, message):
@@ -192,8 +205,6 @@ class Hyperparameters:
         need(self.xsa_last_n <= self.num_layers, f"XSA_LAST_N must be <= NUM_LAYERS ({self.num_layers}); got {self.xsa_last_n}")
         need(not (self.smear_gate or self.attn_gate) or self.model_dim >= 12, "SMEAR_GATE and ATTN_GATE need MODEL_DIM >= 12")
         need(self.bigram_buckets != 1, "BIGRAM_BUCKETS must be 0 (off) or >= 2")
-        need(len(set(self.ve_layers)) == len(self.ve_layers), f"VE_LAYERS must not repeat a layer; got {self.ve_layers}")
-        need(not self.ve_dim or all(0 <= i < self.num_layers for i in self.ve_layers), f"VE_LAYERS must name layers in 0..{self.num_layers - 1}; got {self.ve_layers}")
         for name in ("WARMDOWN_FRAC", "MIN_LR", "SWA_START_LR_SCALE", "QAT_START_LR_SCALE"):
             need(getattr(self, name.lower()) <= 1, f"{name} must be in [0, 1]; got {getattr(self, name.lower())}")
         for name in ("EMA_DECAY", "BETA1", "BETA2"):
@@ -966,7 +977,7 @@ def window_starts(n_targets, seq_len, stride):
 
 
 @torch.no_grad()
-def evaluate(logits_fn, tokens, luts, seq_len, stride, batch_seqs, rank=0, world_size=1):
+def evaluate(logits_fn, tokens, luts, seq_len, stride, batch_seqs, rank=0, world_size=1, log=None, label="eval"):
     """Exact val_loss (nats/token) and val_bpb over every target of `tokens`; windows split contiguously
     over ranks, float64 sums all-reduced. stride == seq_len gives non-overlapping windows."""
     device = luts[0].device
@@ -974,6 +985,7 @@ def evaluate(logits_fn, tokens, luts, seq_len, stride, batch_seqs, rank=0, world
     tokens = tokens.to(device)
     starts = window_starts(n, seq_len, stride)
     lo, hi = len(starts) * rank // world_size, len(starts) * (rank + 1) // world_size
+    progress = Progress(log, label, hi - lo, "windows") if log else None
     pos = torch.arange(seq_len, device=device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, targets, bytes
     for b in range(lo, hi, batch_seqs):
@@ -985,9 +997,10 @@ def evaluate(logits_fn, tokens, luts, seq_len, stride, batch_seqs, rank=0, world
         x, y = tokens[idx.clamp(max=n)], tokens[(idx + 1).clamp(max=n)]
         logits = logits_fn(x)
         nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(y.shape)
-        sums[0] += nll[scored].double().sum()
-        sums[1] += scored.sum()
-        sums[2] += target_bytes(luts, x, y)[scored].sum()
+        sums += torch.stack([(nll.double() * scored).sum(), scored.sum().double(),
+                             (target_bytes(luts, x, y) * scored).sum().double()])  # masked sums: no host sync
+        if progress:
+            progress.step(min(batch_seqs, hi - b))
     if world_size > 1:
         dist.all_reduce(sums)
     if int(sums[1]) != n:
@@ -1006,23 +1019,91 @@ def make_logits_fn(model, compile_model, autocast):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Main: set-up, compile warm-up (rolled back), timed training, averaging, Hessians, export, roundtrip eval.
+# The run: logging, progress, outputs and signals, then the phases main() names in order.
+
+PROGRESS_SECONDS = 10.0
+ARTIFACT_NAME, SUBMISSION_NAME = "final_model.int6.ptz", "submission.json"
+
+
+class RunInterrupted(BaseException):
+    """Raised by the SIGINT/SIGTERM handler, so a stopped run ends with one line instead of a traceback."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+PENDING_SIGNALS = []
+
+
+def raise_interrupt(signum, frame):
+    PENDING_SIGNALS.append(signum)
+    raise RunInterrupted(signum)
+
+
+def check_interrupt():
+    """Re-raise a signal whose exception was swallowed (it can land inside a finalizer, which ignores exceptions)."""
+    if PENDING_SIGNALS:
+        raise RunInterrupted(PENDING_SIGNALS[0])
+
+
+def unused_log_path(log_dir, run_id):
+    """logs/<RUN_ID>.txt, or <RUN_ID>-2.txt, -3, ... when an earlier run already wrote that file: one run per file."""
+    path, n = Path(log_dir) / f"{run_id}.txt", 1
+    while path.exists():
+        n += 1
+        path = Path(log_dir) / f"{run_id}-{n}.txt"
+    return path
+
 
 class Logger:
-    """Prints on rank 0 and appends to logs/<RUN_ID>.txt; other ranks stay silent."""
+    """Rank 0 prints and appends to the log file; console=False lines go to the file only, file=False lines
+    (progress) to the console only. Other ranks stay silent."""
 
     def __init__(self, path):
         self.path = path
         if path:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
 
-    def __call__(self, message, console=True):
+    def __call__(self, message, console=True, file=True):
         if not self.path:
             return
         if console:
             print(message, flush=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(message + "\n")
+        if file:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(message + "\n")
+
+
+class Progress:
+    """Console-only progress of a long phase: done/total, rate and time left, every PROGRESS_SECONDS."""
+
+    def __init__(self, log, label, total, unit):
+        self.log, self.label, self.total, self.unit = log, label, total, unit
+        self.done, self.t0 = 0, time.perf_counter()
+        self.t_last = self.t0
+
+    def step(self, n=1):
+        check_interrupt()
+        self.done += n
+        now = time.perf_counter()
+        if now - self.t_last >= PROGRESS_SECONDS and self.done < self.total:
+            self.t_last = now
+            rate = self.done / (now - self.t0)
+            self.log(f"{self.label}: {self.done}/{self.total} {self.unit} ({100 * self.done / self.total:.0f}%), "
+                     f"{rate:.1f} {self.unit}/s, ~{(self.total - self.done) / rate:.0f}s left", file=False)
+
+
+def write_atomic(path, data):
+    """Write to a temporary name beside `path` and rename it into place only when complete: an interrupted
+    run never leaves a half-written output."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def describe_hardware(device, world_size):
@@ -1052,63 +1133,104 @@ def setup_distributed():
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    elif world_size > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+    elif "OMP_NUM_THREADS" not in os.environ:  # ranks sharing a CPU must not oversubscribe its cores
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world_size > 1:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return rank, world_size, device
 
 
-def main():
-    h = Hyperparameters()
-    rank, world_size, device = setup_distributed()
-    master, is_cuda = rank == 0, device.type == "cuda"
-    accum, local_tokens = h.batch_layout(world_size)
-    compile_model = is_cuda if h.compile is None else h.compile
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=is_cuda)
+class Run:
+    """What every phase needs: settings, ranks, device, the logger, clocks, and the phase name for messages."""
 
-    def sync():
-        if is_cuda:
+    def __init__(self, h, rank, world_size, device, log):
+        self.h, self.rank, self.world_size, self.device, self.log = h, rank, world_size, device, log
+        self.master, self.is_cuda = rank == 0, device.type == "cuda"
+        self.compile = self.is_cuda if h.compile is None else h.compile
+        self.autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.is_cuda)
+        self.output_dir = Path(h.output_dir)
+        self.code_bytes = len(Path(__file__).read_bytes())
+        self.phase, self.t_start = "start-up", time.perf_counter()
+
+    def sync(self):
+        if self.is_cuda:
             torch.cuda.synchronize()
 
-    log = Logger(os.path.join(h.log_dir, f"{h.run_id}.txt") if master else None)
+    def all_reduce(self, tensor, op=None):
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+        return tensor
+
+
+def start_run():
+    """Settings, process group, log file (its name is the first console line), and no stale outputs."""
+    h = Hyperparameters()
+    rank, world_size, device = setup_distributed()
+    log = Logger(unused_log_path(h.log_dir, h.run_id) if rank == 0 else None)
+    log(f"log: {log.path}")
+    run = Run(h, rank, world_size, device, log)
     log(run_header(h, device, world_size), console=False)
+    if run.master:  # a run that stops early must not leave this run's model beside an older run's submission.json
+        for name in (ARTIFACT_NAME, SUBMISSION_NAME):
+            old = run.output_dir / name
+            if old.exists():
+                os.replace(old, old.with_name(name + ".previous"))
+                log(f"outputs: moved the previous {old} aside to {old.name}.previous")
+    return run
+
+
+class Data:
+    """Tokenizer byte tables, the training shard list and the validation tokens."""
+
+    def __init__(self, run):
+        h, log = run.h, run.log
+        sp = load_tokenizer(h.tokenizer_path)
+        h.check_tokenizer(sp)
+        self.luts = tuple(t.to(run.device) for t in build_byte_luts(sp, h.vocab_size))
+        log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.tokenizer_path}")
+        _, self.train_files = find_shards(h.data_path, "train")
+        log(f"train_loader:dataset:{Path(h.data_path).name} train_shards:{len(self.train_files)}")
+        val_pattern, self.val_tokens = load_validation_tokens(h.data_path, h.eval_seq_len)
+        log(f"val_loader:shards pattern={val_pattern} tokens:{self.val_tokens.numel() - 1}")
+
+
+class Trained:
+    """The outcome of training: the (averaged) model, the loader to continue from, steps and clocks."""
+
+    def __init__(self, model, loader, steps, train_ms):
+        self.model, self.loader, self.steps, self.train_ms, self.hessian_ms = model, loader, steps, train_ms, 0.0
+
+
+def train(run, data):
+    """Build, compile-warm-up (rolled back), train against the clock, then load the weight average."""
+    h, log, device = run.h, run.log, run.device
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
-
-    sp = load_tokenizer(h.tokenizer_path)
-    h.check_tokenizer(sp)
-    luts = tuple(t.to(device) for t in build_byte_luts(sp, h.vocab_size))
-    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.tokenizer_path}")
-    _, train_files = find_shards(h.data_path, "train")
-    log(f"train_loader:dataset:{Path(h.data_path).name} train_shards:{len(train_files)}")
-    val_pattern, val_tokens = load_validation_tokens(h.data_path, h.eval_seq_len)
-    log(f"val_loader:shards pattern={val_pattern} tokens:{val_tokens.numel() - 1}")
-
+    accum, local_tokens = h.batch_layout(run.world_size)
     model = build_model(h).to(device)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
-    code_bytes = len(Path(__file__).read_bytes())
-    estimate = estimate_model_bytes(model.state_dict(), h) + code_bytes
-    log(f"artifact_estimate: ~{estimate} bytes incl. code {code_bytes} (cap {h.artifact_cap_bytes})")
+    estimate = estimate_model_bytes(model.state_dict(), h) + run.code_bytes
+    log(f"artifact_estimate: ~{estimate} bytes incl. code {run.code_bytes} (cap {h.artifact_cap_bytes})")
     if estimate > h.artifact_cap_bytes:
         log(f"WARNING: the estimated artifact exceeds the cap by ~{estimate - h.artifact_cap_bytes} bytes; export will widen "
             f"the clip grids to fit (costs accuracy). Lower the width/depth or raise *_CLIP_K.")
-    log(f"world_size:{world_size} grad_accum_steps:{accum}")
-    optimizers = build_optimizers(model, h, rank, world_size)
+    log(f"world_size:{run.world_size} grad_accum_steps:{accum}")
+    optimizers = build_optimizers(model, h, run.rank, run.world_size)
     train_model = model
-    if compile_model:
+    if run.compile:
         optimizers[1].orthogonalize = torch.compile(orthogonalize)
         train_model = torch.compile(model, dynamic=False, fullgraph=True)
-    if world_size > 1:
-        train_model = DDP(train_model, device_ids=[device.index] if is_cuda else None, broadcast_buffers=False)
+    if run.world_size > 1:
+        train_model = DDP(train_model, device_ids=[device.index] if run.is_cuda else None, broadcast_buffers=False)
 
     def train_step(step, loader, lr_scale):
         total = torch.zeros((), device=device)
         for micro in range(accum):
             x, y = loader.next_batch(local_tokens, h.train_seq_len)
-            if world_size > 1:
+            if run.world_size > 1:
                 train_model.require_backward_grad_sync = micro == accum - 1
-            with autocast:
+            with run.autocast:
                 loss = train_model(x, y)
             (loss / accum).backward()
             total += loss.detach()
@@ -1125,9 +1247,11 @@ def main():
         return total / accum
 
     if h.warmup_steps:  # compile and autotune on real steps, then restore weights, optimizer state and data
+        run.phase = "compile warm-up"
+        log(f"warmup: {h.warmup_steps} steps{' (compiling: the first takes longest)' if run.compile else ''}; rolled back afterwards")
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        warmup_loader = DistributedTokenLoader(train_files, rank, world_size, device)
+        warmup_loader = DistributedTokenLoader(data.train_files, run.rank, run.world_size, device)
         for i in range(h.warmup_steps):
             train_step(0, warmup_loader, 1.0)
             log(f"warmup_step:{i + 1}/{h.warmup_steps}")
@@ -1135,27 +1259,30 @@ def main():
         for opt, state in zip(optimizers, states):
             opt.load_state_dict(state)
 
-    loader = DistributedTokenLoader(train_files, rank, world_size, device)
+    loader = DistributedTokenLoader(data.train_files, run.rank, run.world_size, device)
     averager = WeightAverager(model, h)
     reserve_ms = 1000 * h.gptq_reserve_seconds if h.gptq else 0.0
     cap_ms = 1000 * h.max_wallclock_seconds - reserve_ms if h.max_wallclock_seconds else 0.0
     qat_live = h.qat == "on"
     step, train_ms, stop = 0, 0.0, False
-    sync()
+    run.sync()
     t0 = time.perf_counter()
     while True:
         last = stop or step >= h.iterations
         if h.val_loss_every and step > 0 and (last or step % h.val_loss_every == 0):
-            sync()
+            run.sync()
             train_ms += 1000 * (time.perf_counter() - t0)
-            res = evaluate(make_logits_fn(model, False, autocast), val_tokens, luts, h.eval_seq_len, h.eval_seq_len,
-                           h.eval_batch_seqs, rank, world_size)
+            run.phase = f"periodic validation (step {step})"
+            res = evaluate(make_logits_fn(model, False, run.autocast), data.val_tokens, data.luts, h.eval_seq_len,
+                           h.eval_seq_len, h.eval_batch_seqs, run.rank, run.world_size)
             log(f"step:{step}/{h.iterations} val_loss:{res['val_loss']:.4f} val_bpb:{res['val_bpb']:.4f} "
                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / step:.2f}ms")
-            sync()
+            run.sync()
             t0 = time.perf_counter()
         if last:
             break
+        run.phase = f"training (step {step + 1}/{h.iterations})"
+        check_interrupt()
         scale = lr_multiplier(h, step, train_ms + 1000 * (time.perf_counter() - t0), cap_ms)
         if h.qat == "late" and not qat_live and scale < h.qat_start_lr_scale:
             model.set_qat(1.0)
@@ -1165,110 +1292,187 @@ def main():
         step += 1
         averager.update(step, scale)
         approx_ms = train_ms + 1000 * (time.perf_counter() - t0)
-        reached = torch.tensor(float(cap_ms > 0 and approx_ms >= cap_ms), device=device)
-        if world_size > 1:
-            dist.all_reduce(reached, op=dist.ReduceOp.MAX)
+        reached = run.all_reduce(torch.tensor(float(cap_ms > 0 and approx_ms >= cap_ms), device=device), dist.ReduceOp.MAX)
         stop = bool(reached.item())
         if step <= 10 or step % h.train_log_every == 0 or stop or step == h.iterations:
-            if world_size > 1:
-                dist.all_reduce(loss)
-                loss /= world_size
+            loss = run.all_reduce(loss) / run.world_size
             log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{approx_ms:.0f}ms step_avg:{approx_ms / step:.2f}ms")
         if stop:
             log(f"stopping_early: wallclock_cap train_time:{approx_ms:.0f}ms step:{step}/{h.iterations}")
-    sync()
+    run.sync()
     train_ms += 1000 * (time.perf_counter() - t0)
-    if is_cuda:
+    if run.is_cuda:
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     log(f"weight_averaging: exporting {averager.apply_to(model)}")
     model.set_qat(0.0)
+    return Trained(model, loader, step, train_ms)
 
-    hessians, hessian_ms = None, 0.0
-    if h.gptq:  # reading training data counts as training: this runs inside the clock, in the reserve
+
+def calibrate(run, trained):
+    """GPTQ Hessians from further training batches. Reading training data counts as training: this runs inside
+    the clock, in the GPTQ_RESERVE_SECONDS the loop left."""
+    h = run.h
+    if not h.gptq:
+        return None
+    run.phase = "GPTQ Hessians"
+    _, local_tokens = h.batch_layout(run.world_size)
+    t = time.perf_counter()
+    batches = (trained.loader.next_batch(local_tokens, h.train_seq_len)[0] for _ in range(h.gptq_calib_batches))
+    hessians = collect_hessians(trained.model, batches, h, run.autocast)
+    run.sync()
+    trained.hessian_ms = 1000 * (time.perf_counter() - t)
+    total, reserve_ms = trained.train_ms + trained.hessian_ms, 1000 * h.gptq_reserve_seconds
+    run.log(f"gptq_hessians: batches:{h.gptq_calib_batches}x{run.world_size} train_ms:{trained.train_ms:.0f} "
+            f"hessian_ms:{trained.hessian_ms:.0f} total:{total:.0f}ms reserve:{reserve_ms:.0f}ms")
+    if h.max_wallclock_seconds and total > 1000 * h.max_wallclock_seconds:
+        run.log(f"WARNING: training + Hessians took {total:.0f}ms > {1000 * h.max_wallclock_seconds:.0f}ms; raise GPTQ_RESERVE_SECONDS")
+    return hessians
+
+
+def evaluate_trained(run, data, trained):
+    """The float (averaged, pre-quantization) model on non-overlapping windows: the reference for the quant gap."""
+    h = run.h
+    run.phase = "pre-quantization evaluation"
+    pre = evaluate(make_logits_fn(trained.model, False, run.autocast), data.val_tokens, data.luts, h.eval_seq_len,
+                   h.eval_seq_len, h.eval_batch_seqs, run.rank, run.world_size, run.log, "pre_quant eval")
+    run.log(f"pre_quant val_loss:{pre['val_loss']:.4f} val_bpb:{pre['val_bpb']:.4f}")
+    return pre
+
+
+def export(run, trained, hessians):
+    """Rank 0 quantizes and compresses under the cap and writes the artifact; returns its path."""
+    h, log = run.h, run.log
+    run.phase = "export"
+    artifact = run.output_dir / ARTIFACT_NAME
+    if run.master:
         t = time.perf_counter()
-        batches = (loader.next_batch(local_tokens, h.train_seq_len)[0] for _ in range(h.gptq_calib_batches))
-        hessians = collect_hessians(model, batches, h, autocast)
-        sync()
-        hessian_ms = 1000 * (time.perf_counter() - t)
-        log(f"gptq_hessians: batches:{h.gptq_calib_batches}x{world_size} train_ms:{train_ms:.0f} hessian_ms:{hessian_ms:.0f} "
-            f"total:{train_ms + hessian_ms:.0f}ms reserve:{reserve_ms:.0f}ms")
-    clock_ms = train_ms + hessian_ms
-    if h.max_wallclock_seconds and clock_ms > 1000 * h.max_wallclock_seconds:
-        log(f"WARNING: training + Hessians took {clock_ms:.0f}ms > {1000 * h.max_wallclock_seconds:.0f}ms; raise GPTQ_RESERVE_SECONDS")
-
-    pre = evaluate(make_logits_fn(model, False, autocast), val_tokens, luts, h.eval_seq_len, h.eval_seq_len,
-                   h.eval_batch_seqs, rank, world_size)
-    log(f"pre_quant val_loss:{pre['val_loss']:.4f} val_bpb:{pre['val_bpb']:.4f}")
-
-    artifact = Path(h.output_dir) / "final_model.int6.ptz"
-    if master:
-        t = time.perf_counter()
-        state = {k: v.detach() for k, v in model.state_dict().items()}
-        blob, _, widen = export_artifact(state, h, code_bytes, hessians, log)
+        state = {k: v.detach() for k, v in trained.model.state_dict().items()}
+        blob, _, widen = export_artifact(state, h, run.code_bytes, hessians, log)
         artifact.parent.mkdir(parents=True, exist_ok=True)
-        artifact.write_bytes(blob)
+        write_atomic(artifact, blob)
         disk_total = artifact.stat().st_size + Path(__file__).stat().st_size
         log(f"Serialized model int6+zstd: {len(blob)} bytes (export {1000 * (time.perf_counter() - t):.0f}ms, "
             f"gptq:{hessians is not None} clip_widen:x{widen:.4f})")
-        log(f"Code size: {code_bytes} bytes")
-        log(f"Total submission size int6+zstd: {len(blob) + code_bytes} bytes (on disk {disk_total}, cap {h.artifact_cap_bytes})")
-        assert disk_total == len(blob) + code_bytes <= h.artifact_cap_bytes
-    if world_size > 1:
+        log(f"Code size: {run.code_bytes} bytes")
+        log(f"Total submission size int6+zstd: {len(blob) + run.code_bytes} bytes (on disk {disk_total}, cap {h.artifact_cap_bytes})")
+        assert disk_total == len(blob) + run.code_bytes <= h.artifact_cap_bytes
+    if run.world_size > 1:
         dist.barrier()
+    return artifact
 
-    # The eval clock runs from opening the artifact to the last score: decompression, build, compile, both passes.
+
+def evaluate_artifact(run, data, artifact):
+    """The eval clock runs from opening the artifact to the last score: decompression, build, compile, both passes."""
+    h, log = run.h, run.log
+    run.phase = "evaluation of the artifact"
     t_eval = time.perf_counter()
-    eval_model = build_model(h).to(device)
+    eval_model = build_model(h).to(run.device)
     eval_model.set_qat(0.0)
     eval_model.load_state_dict(dequantize_state(deserialize_quantized(artifact.read_bytes())), strict=True)
-    logits_fn = make_logits_fn(eval_model, compile_model, autocast)
-    if compile_model:  # compile on random tokens, never validation tokens
-        logits_fn(torch.randint(0, h.vocab_size, (h.eval_batch_seqs, h.eval_seq_len), device=device))
+    logits_fn = make_logits_fn(eval_model, run.compile, run.autocast)
+    if run.compile:  # compile on random tokens, never validation tokens
+        logits_fn(torch.randint(0, h.vocab_size, (h.eval_batch_seqs, h.eval_seq_len), device=run.device))
     results = {}
     for tag, stride in (("final_int6_zstd_roundtrip", h.eval_seq_len), ("final_int6_sliding_window", h.eval_stride)):
-        sync()
+        run.sync()
         t = time.perf_counter()
-        res = results[tag] = evaluate(logits_fn, val_tokens, luts, h.eval_seq_len, stride, h.eval_batch_seqs, rank, world_size)
-        sync()
+        res = results[tag] = evaluate(logits_fn, data.val_tokens, data.luts, h.eval_seq_len, stride, h.eval_batch_seqs,
+                                      run.rank, run.world_size, log, tag)
+        run.sync()
         log(f"{tag} val_loss:{res['val_loss']:.4f} val_bpb:{res['val_bpb']:.4f} eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
         log(f"{tag}_exact val_loss:{res['val_loss']:.8f} val_bpb:{res['val_bpb']:.8f}")
         log(f"{tag}_counts targets:{res['tokens']} bytes:{res['bytes']} stride:{stride} seq_len:{h.eval_seq_len}")
-    eval_ms = 1000 * (time.perf_counter() - t_eval)
-    final, roundtrip = results["final_int6_sliding_window"], results["final_int6_zstd_roundtrip"]
-    log(f"eval_budget: eval_time:{eval_ms:.0f}ms of 600000ms (artifact open to last score)")
-    log(f"quant_gap: pre_quant val_bpb:{pre['val_bpb']:.6f} roundtrip val_bpb:{roundtrip['val_bpb']:.6f} "
-        f"gap:{roundtrip['val_bpb'] - pre['val_bpb']:+.6f}")
+    results["eval_ms"] = 1000 * (time.perf_counter() - t_eval)
+    final = results["final_int6_sliding_window"]
+    log(f"eval_budget: eval_time:{results['eval_ms']:.0f}ms of 600000ms (artifact open to last score)")
     log(f"final_int8_zlib_roundtrip_exact val_loss:{final['val_loss']:.8f} val_bpb:{final['val_bpb']:.8f}")
-
-    if master:
-        model_bytes = artifact.stat().st_size
-        submission = {
-            "author": h.author, "github_id": h.github_id, "name": h.run_name, "date": time.strftime("%Y-%m-%d"),
-            "blurb": f"{h.num_layers}L d{h.model_dim} MLP{h.mlp_mult:g}x {h.mlp_act}, XSA-{h.xsa_last_n}, Muon "
-                     f"{h.muon_ns}, {h.averaging.upper()}, int{h.mlp_bits}/{h.attn_bits} {'GPTQ' if h.gptq else 'RTN'} + "
-                     f"zstd-{h.zstd_level}, sliding eval stride {h.eval_stride}",
-            "track": "10min_16mb", "val_loss": final["val_loss"], "val_bpb": final["val_bpb"],
-            "roundtrip_val_bpb": roundtrip["val_bpb"], "pre_quant_val_bpb": pre["val_bpb"],
-            "quant_gap_bpb": roundtrip["val_bpb"] - pre["val_bpb"],
-            "bytes_total": model_bytes + code_bytes, "bytes_code": code_bytes, "bytes_model": model_bytes,
-            "seed": h.seed, "seeds": [h.seed], "step_stop": step, "wallclock_seconds": clock_ms / 1000,
-            "train_time_ms": round(train_ms), "hessian_time_ms": round(hessian_ms), "eval_time_seconds": eval_ms / 1000,
-            "val_targets": final["tokens"], "val_bytes": final["bytes"],
-            "hardware": describe_hardware(device, world_size), "pytorch_version": torch.__version__,
-            "run_id": h.run_id, "log": os.path.join(h.log_dir, f"{h.run_id}.txt"),
-            "compliance": {"train_under_600s": clock_ms <= 600_000, "artifact_under_16mb": model_bytes + code_bytes <= 16_000_000,
-                           "eval_under_600s": eval_ms <= 600_000, "score_first_ttt": "no TTT", "three_seeds": False},
-        }
-        (Path(h.output_dir) / "submission.json").write_text(json.dumps(submission, indent=2) + "\n")
-        log(f"submission: wrote {Path(h.output_dir) / 'submission.json'}")
-    if world_size > 1:
-        dist.destroy_process_group()
+    return results
 
 
-if __name__ == "__main__":
+def write_submission(run, trained, pre, artifact, results):
+    """submission.json, written last (atomically), so it always describes the artifact beside it."""
+    h = run.h
+    final, roundtrip = results["final_int6_sliding_window"], results["final_int6_zstd_roundtrip"]
+    run.log(f"quant_gap: pre_quant val_bpb:{pre['val_bpb']:.6f} roundtrip val_bpb:{roundtrip['val_bpb']:.6f} "
+            f"gap:{roundtrip['val_bpb'] - pre['val_bpb']:+.6f}")
+    if not run.master:
+        return
+    run.phase = "writing submission.json"
+    model_bytes = artifact.stat().st_size
+    clock_ms = trained.train_ms + trained.hessian_ms
+    submission = {
+        "author": h.author, "github_id": h.github_id, "name": h.run_name, "date": time.strftime("%Y-%m-%d"),
+        "blurb": f"{h.num_layers}L d{h.model_dim} MLP{h.mlp_mult:g}x {h.mlp_act}, XSA-{h.xsa_last_n}, Muon "
+                 f"{h.muon_ns}, {h.averaging.upper()}, int{h.mlp_bits}/{h.attn_bits} {'GPTQ' if h.gptq else 'RTN'} + "
+                 f"zstd-{h.zstd_level}, sliding eval stride {h.eval_stride}",
+        "track": "10min_16mb", "val_loss": final["val_loss"], "val_bpb": final["val_bpb"],
+        "roundtrip_val_bpb": roundtrip["val_bpb"], "pre_quant_val_bpb": pre["val_bpb"],
+        "quant_gap_bpb": roundtrip["val_bpb"] - pre["val_bpb"],
+        "bytes_total": model_bytes + run.code_bytes, "bytes_code": run.code_bytes, "bytes_model": model_bytes,
+        "seed": h.seed, "seeds": [h.seed], "step_stop": trained.steps, "step_avg_ms": trained.train_ms / max(trained.steps, 1),
+        "wallclock_seconds": clock_ms / 1000, "train_time_ms": round(trained.train_ms),
+        "hessian_time_ms": round(trained.hessian_ms), "eval_time_seconds": results["eval_ms"] / 1000,
+        "val_targets": final["tokens"], "val_bytes": final["bytes"],
+        "hardware": describe_hardware(run.device, run.world_size), "pytorch_version": torch.__version__,
+        "run_id": h.run_id, "log": str(run.log.path), "ttt": "off",
+        "compliance": {"train_under_600s": clock_ms <= 600_000, "artifact_under_16mb": model_bytes + run.code_bytes <= 16_000_000,
+                       "eval_under_600s": results["eval_ms"] <= 600_000, "score_first_ttt": "no TTT", "three_seeds": False},
+    }
+    write_atomic(run.output_dir / SUBMISSION_NAME, (json.dumps(submission, indent=2) + "\n").encode())
+    run.log(f"submission: wrote {run.output_dir / SUBMISSION_NAME}")
+
+
+def summarize(run, trained, artifact, results):
+    """The closing block; its last line (`summary: ...`) is the last line of every completed run."""
+    final = results["final_int6_sliding_window"]
+    total = artifact.stat().st_size + run.code_bytes if run.master else 0
+    clock_s, wall_s = (trained.train_ms + trained.hessian_ms) / 1000, time.perf_counter() - run.t_start
+    run.log("=" * 40 + " summary")
+    run.log(f"final: val_bpb {final['val_bpb']:.8f}, val_loss {final['val_loss']:.8f} (stride-{run.h.eval_stride} sliding windows)")
+    run.log(f"artifact: {total} bytes = model {total - run.code_bytes} + code {run.code_bytes} (cap {run.h.artifact_cap_bytes}): {artifact}")
+    run.log(f"time: training {trained.train_ms / 1000:.1f}s + Hessians {trained.hessian_ms / 1000:.1f}s = {clock_s:.1f}s; "
+            f"evaluation {results['eval_ms'] / 1000:.1f}s; wall {wall_s:.1f}s; log {run.log.path}")
+    run.log(f"summary: val_bpb:{final['val_bpb']:.8f} bytes_total:{total} train_s:{clock_s:.1f} "
+            f"eval_s:{results['eval_ms'] / 1000:.1f} wall_s:{wall_s:.1f}")
+
+
+def main():
+    run = start_run()
+    try:
+        data = Data(run)
+        trained = train(run, data)
+        hessians = calibrate(run, trained)
+        pre = evaluate_trained(run, data, trained)
+        artifact = export(run, trained, hessians)
+        results = evaluate_artifact(run, data, artifact)
+        write_submission(run, trained, pre, artifact, results)
+        summarize(run, trained, artifact, results)
+        if run.world_size > 1:
+            dist.barrier()  # gloo aborts if a rank tears the group down while another still uses it
+            dist.destroy_process_group()
+    except (ConfigError, DataError) as error:
+        run.log(f"error: {error}", console=False)
+        raise
+    except RunInterrupted as stop:
+        run.log(f"interrupted at {run.phase} ({stop}); {run.output_dir / SUBMISSION_NAME} was not written")
+        raise
+
+
+def cli():
+    """Entry point: exit 2 with one `error:` line for bad settings or data, 128+signal when interrupted."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, raise_interrupt)
     try:
         main()
     except (ConfigError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    except RunInterrupted as stop:
+        return 128 + stop.signum
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -643,11 +643,23 @@ def test_defaults_and_types():
     h = train_gpt.Hyperparameters({})
     for name, kind, default, _, _ in train_gpt.HYPERPARAMETERS:
         value = getattr(h, name.lower())
-        if name in ("RUN_ID", "EVAL_SEQ_LEN", "VE_LAYERS") or kind == "auto_bool":
+        if name in ("RUN_ID", "EVAL_SEQ_LEN", "VE_LAYERS", "XSA_LAST_N") or kind == "auto_bool":
             continue
         assert value == default and type(value) is type(default), name
-    assert h.compile is None and h.byte_shuffle is None
-    assert h.ve_layers == [9, 10] and h.eval_seq_len == h.train_seq_len and h.run_id
+    assert h.compile is None and h.byte_shuffle is None and h.xsa_last_n == h.num_layers == 11
+    assert h.ve_layers == [] and h.eval_seq_len == h.train_seq_len and h.run_id
+    assert train_gpt.Hyperparameters({"VE_DIM": "128"}).ve_layers == [9, 10]
+
+
+@pytest.mark.parametrize("layers", [1, 4, 10, 11, 12])
+def test_per_layer_defaults_follow_the_depth(layers):
+    """Changing NUM_LAYERS alone never needs a second edit: XSA covers every layer, VE the last two."""
+    assert train_gpt.Hyperparameters({"NUM_LAYERS": str(layers)}).xsa_last_n == layers
+    if layers >= 2:
+        assert train_gpt.Hyperparameters({"NUM_LAYERS": str(layers), "VE_DIM": "8"}).ve_layers == [layers - 2, layers - 1]
+    assert train_gpt.Hyperparameters({"NUM_LAYERS": str(layers), "XSA_LAST_N": str(layers)}).xsa_last_n == layers
+    with pytest.raises(ConfigError, match="XSA_LAST_N"):
+        train_gpt.Hyperparameters({"NUM_LAYERS": str(layers), "XSA_LAST_N": str(layers + 1)})
     h2 = make_h(SEED=" 42 ", MATRIX_LR="1e-2", MLP_MULT="3")
     assert h2.seed == 42 and type(h2.seed) is int and h2.matrix_lr == 0.01 and type(h2.mlp_mult) is float
 
@@ -690,11 +702,11 @@ INVALID = [  # (overrides, words the message must contain)
     (dict(ROPE_DIMS=18), ["ROPE_DIMS"]),
     (dict(XSA_LAST_N=5), ["XSA_LAST_N", "NUM_LAYERS"]),
     (dict(VE_DIM=8, VE_LAYERS="4"), ["VE_LAYERS"]),
-    (dict(VE_DIM=8, VE_LAYERS="0,-1"), ["VE_LAYERS"]),
-    (dict(VE_DIM=8), ["VE_LAYERS"]),  # default 9,10 with 4 layers
-    (dict(VE_LAYERS="a,b"), ["VE_LAYERS"]),
-    (dict(VE_LAYERS="1.5"), ["VE_LAYERS"]),
-    (dict(VE_LAYERS="1;2"), ["VE_LAYERS"]),
+    (dict(VE_DIM=8, VE_LAYERS="0,-4"), ["VE_LAYERS", "repeat"]),  # -4 is layer 0 of 4
+    (dict(VE_DIM=8, VE_LAYERS="-5"), ["VE_LAYERS"]),
+    (dict(VE_DIM=8, VE_LAYERS="a,b"), ["VE_LAYERS"]),
+    (dict(VE_DIM=8, VE_LAYERS="1.5"), ["VE_LAYERS"]),
+    (dict(VE_DIM=8, VE_LAYERS="1;2"), ["VE_LAYERS"]),
     (dict(EVAL_STRIDE=65), ["EVAL_STRIDE", "EVAL_SEQ_LEN"]),
     (dict(EVAL_SEQ_LEN=32, EVAL_STRIDE=33), ["EVAL_STRIDE", "EVAL_SEQ_LEN"]),
     (dict(ATTN_BITS=9), ["ATTN_BITS"]),
@@ -721,6 +733,7 @@ def test_invalid_combinations(overrides, words):
 
 @pytest.mark.parametrize("overrides", [
     dict(VE_DIM=0, VE_LAYERS="9,10"), dict(VE_DIM=8, VE_LAYERS="0,3"), dict(VE_DIM=8, VE_LAYERS=" 1 , 2 ,"),
+    dict(VE_DIM=8), dict(VE_DIM=8, VE_LAYERS="0,-1"),
     dict(ROPE_DIMS=16), dict(XSA_LAST_N=4), dict(EVAL_STRIDE=64), dict(EVAL_SEQ_LEN=128, EVAL_STRIDE=100),
     dict(EMBED_BITS=16), dict(ATTN_BITS=8, MLP_BITS=5), dict(GPTQ=0, GPTQ_RESERVE_SECONDS=600, MAX_WALLCLOCK_SECONDS=600),
     dict(MAX_WALLCLOCK_SECONDS=0, GPTQ_RESERVE_SECONDS=1000), dict(GPTQ_RESERVE_SECONDS=599, MAX_WALLCLOCK_SECONDS=600),
@@ -734,7 +747,7 @@ def test_valid_combinations(overrides):
             got = getattr(h, k.lower())
             assert got == (bool(int(v)) if isinstance(got, bool) else v), k
     if "VE_LAYERS" in overrides and overrides.get("VE_DIM"):
-        assert h.ve_layers == [int(x) for x in overrides["VE_LAYERS"].split(",") if x.strip()]
+        assert h.ve_layers == [int(x) % h.num_layers for x in overrides["VE_LAYERS"].split(",") if x.strip()]
 
 
 @pytest.mark.parametrize("world_size,accum", [(1, 8), (2, 4), (3, 2), (4, 2), (5, 1), (8, 1), (16, 1)])
@@ -790,10 +803,18 @@ def test_check_tokenizer(smoke_tokenizer):
     h.check_tokenizer(FakeSP(1024, 1))
 
 
-def test_readme_lists_every_setting():
-    text = README.read_text(encoding="utf-8")
-    missing = [name for name, *_ in train_gpt.HYPERPARAMETERS if name not in text]
-    assert not missing, missing
+def settings_table():
+    """The README's settings table, rendered from HYPERPARAMETERS (the single source)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, kind, default, _, meaning in train_gpt.HYPERPARAMETERS:
+        shown = int(default) if kind is bool else default
+        choices = " (`" + " \\| ".join(kind) + "`)" if isinstance(kind, tuple) else ""
+        rows.append(f"| `{name}` | `{shown}` | {meaning}{choices} |")
+    return "\n".join(rows) + "\n"
+
+
+def test_readme_settings_table_is_the_hyperparameter_list():
+    assert settings_table() in README.read_text(encoding="utf-8"), "README settings table is stale; paste:\n" + settings_table()
 
 
 def _clean_env(extra):

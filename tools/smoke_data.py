@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
+import random
 import sys
 import sysconfig
 from pathlib import Path
@@ -79,10 +80,13 @@ def encode_documents(sp, texts):
 
 
 def build_dataset(out_dir, max_docs=6000, val_every=20, vocab_size=1024):
-    """Write tokenizer + shards to out_dir; returns (data_path, tokenizer_path). Every val_every-th doc is val."""
+    """Write tokenizer + shards to out_dir; returns (data_path, tokenizer_path). Every val_every-th doc is val.
+    Documents are shuffled (fixed seed) as FineWeb's are: in file order, one module's near-identical docstrings
+    (e.g. 20K tokens of decimal doctests) come in a block, which a model fits and then fails on the next block."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     docs = stdlib_docstrings(max_docs=max_docs)
+    random.Random(1337).shuffle(docs)
     val = docs[::val_every]
     train = [d for i, d in enumerate(docs) if i % val_every]
     sp = train_tokenizer(train, out_dir / "smoke_1024_bpe", vocab_size)
@@ -95,7 +99,7 @@ def cached_dataset(out_dir):
     """build_dataset once per Python version (its stdlib is the text); later calls reuse the files."""
     out_dir = Path(out_dir)
     stamp = out_dir / "STAMP"
-    key = hashlib.sha256(f"{sys.version}|{sysconfig.get_paths()['stdlib']}|v1".encode()).hexdigest()
+    key = hashlib.sha256(f"{sys.version}|{sysconfig.get_paths()['stdlib']}|v2".encode()).hexdigest()
     if not (stamp.exists() and stamp.read_text() == key):
         build_dataset(out_dir)
         stamp.write_text(key)
