@@ -9,14 +9,18 @@ and score it by exact val_bpb. Every knob is an environment variable (see HYPERP
 from __future__ import annotations
 
 import copy
+import datetime
 import glob
 import json
+import lzma
 import math
 import os
 import platform
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -63,6 +67,7 @@ HYPERPARAMETERS = [
     ("TRAIN_LOG_EVERY", int, 200, 1, "train-loss log interval in steps"),
     ("VAL_LOSS_EVERY", int, 0, 0, "periodic validation interval in steps (0: off; not timed)"),
     ("COMPILE", "auto_bool", "auto", None, "torch.compile the model (auto: on for CUDA, off for CPU)"),
+    ("BF16", "auto_bool", "auto", None, "bf16 autocast, activations in bf16 over fp32 weights (auto: on for CUDA)"),
     # model
     ("NUM_LAYERS", int, 11, 1, "transformer blocks"),
     ("MODEL_DIM", int, 512, 2, "residual width"),
@@ -125,9 +130,10 @@ HYPERPARAMETERS = [
     ("MLP_CLIP_K", float, 12.0, 0.1, "SDClip k for MLP matrices"),
     ("EMBED_BITS", int, 8, 2, "bits of embedding tables (16: fp16 passthrough)"),
     ("EMBED_CLIP_K", float, 20.0, 0.1, "SDClip k for embedding tables"),
-    ("BYTE_SHUFFLE", "auto_bool", "auto", None, "byte-shuffle 16-bit data before zstd (auto: whichever is smaller)"),
-    ("ZSTD_LEVEL", int, 22, 1, "zstd level of the model file"),
+    ("BYTE_SHUFFLE", "auto_bool", "auto", None, "byte-shuffle the 16-bit frame before compressing (auto: whichever is smaller)"),
+    ("ZSTD_LEVEL", int, 22, 1, "zstd level of the model file (each frame is the smaller of zstd and lzma)"),
     ("ARTIFACT_CAP_BYTES", int, 16_000_000, 1, "cap on code + model bytes; export fits under it"),
+    ("BUDGET_FILL", bool, True, None, "spend the bytes left under the cap on finer grids where they cut the most error"),
     # evaluation
     ("EVAL_SEQ_LEN", int, 0, 0, "evaluation window (0: TRAIN_SEQ_LEN)"),
     ("EVAL_STRIDE", int, 64, 1, "sliding-window stride"),
@@ -249,6 +255,7 @@ class DataError(RuntimeError):
 
 
 def read_shard(path):
+    """The shard's tokens, memory-mapped (read from disk as the stream reaches them), after checking the header."""
     path = str(path)
     size = os.path.getsize(path)
     if size < SHARD_HEADER_BYTES:
@@ -262,7 +269,9 @@ def read_shard(path):
     expected = SHARD_HEADER_BYTES + 2 * n_tokens
     if n_tokens < 0 or size != expected:
         raise DataError(f"{path}: file is {size} bytes but its header promises {n_tokens} tokens = {expected} bytes; truncated or corrupt")
-    return np.fromfile(path, dtype="<u2", count=n_tokens, offset=SHARD_HEADER_BYTES)
+    if n_tokens == 0:
+        return np.zeros(0, dtype="<u2")
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(n_tokens,))
 
 
 def find_shards(data_path, split):
@@ -300,17 +309,32 @@ class TokenStream:
 
 
 class DistributedTokenLoader:
-    """Each micro-step takes the next world_size*(local_tokens+1) stream tokens; rank r keeps slice r."""
+    """Each micro-step takes the next world_size*(local_tokens+1) stream tokens; rank r keeps slice r. A
+    background thread cuts the next batches (into pinned memory on CUDA) while the device works, so the step
+    never waits on disk or a pageable copy."""
 
-    def __init__(self, files, rank, world_size, device):
-        self.stream, self.rank, self.world_size, self.device = TokenStream(files), rank, world_size, device
+    def __init__(self, files, rank, world_size, device, local_tokens, seq_len, prefetch=2):
+        self.device, self.seq_len = device, seq_len
+        self.ready = queue.Queue(maxsize=prefetch)
+        stream, span = TokenStream(files), local_tokens + 1
 
-    def next_batch(self, local_tokens, seq_len):
-        span = local_tokens + 1
-        chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
-        mine = torch.from_numpy(chunk.astype(np.int64))
-        x, y = mine[:-1].view(-1, seq_len), mine[1:].view(-1, seq_len)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        def fill():
+            try:
+                while True:
+                    chunk = stream.take(span * world_size)[rank * span:(rank + 1) * span]
+                    batch = torch.from_numpy(chunk.astype(np.int64))
+                    self.ready.put(batch.pin_memory() if device.type == "cuda" else batch)
+            except DataError as error:
+                self.ready.put(error)
+
+        threading.Thread(target=fill, daemon=True).start()
+
+    def next_batch(self):
+        batch = self.ready.get()
+        if isinstance(batch, DataError):
+            raise batch
+        batch = batch.to(self.device, non_blocking=True)
+        return batch[:-1].view(-1, self.seq_len), batch[1:].view(-1, self.seq_len)
 
 
 def load_validation_tokens(data_path, seq_len):
@@ -433,6 +457,20 @@ def exclusive_self_attention(y, v):
     return (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
 
 
+def causal_attention(q, k, v, use_fa3):
+    """Causal GQA attention on (B, T, H, D): FA3 where it imports and traces, else SDPA (flash backend on CUDA)."""
+    if use_fa3:
+        y = fa3_attention(q, k, v, causal=True)
+        return y[0] if isinstance(y, tuple) else y
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                          enable_gqa=k.size(2) != q.size(2)).transpose(1, 2)
+
+
+def activation_dtype(device_type):
+    """bf16 under autocast (the residual stream runs in bf16 over fp32 master weights, as the records do), else fp32."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else torch.float32
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, h, layer):
         super().__init__()
@@ -465,12 +503,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, freqs.cos(), freqs.sin()), apply_rope(k, freqs.cos(), freqs.sin())
         q = (q * self.q_gain[:, None]).to(v.dtype)
         k = k.to(v.dtype)
-        if self.use_fa3 and q.is_cuda:
-            y = fa3_attention(q, k, v, causal=True)
-            y = y[0] if isinstance(y, tuple) else y
-        else:
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                               enable_gqa=self.num_kv_heads != self.num_heads).transpose(1, 2)
+        y = causal_attention(q, k, v, self.use_fa3 and q.is_cuda)
         if self.xsa:
             y = exclusive_self_attention(y, v)
         if self.attn_gate is not None:
@@ -586,9 +619,9 @@ class GPT(nn.Module):
                     nn.init.orthogonal_(module.weight)
 
     def forward_logits(self, input_ids):
-        x = self.tok_emb(input_ids)
+        x = self.tok_emb(input_ids).to(activation_dtype(input_ids.device.type))
         if self.bigram is not None:
-            x = x + self.bigram(input_ids)
+            x = x + self.bigram(input_ids).to(x.dtype)
         if self.smear is not None:
             x = self.smear(x, input_ids)
         x = x0 = rms_norm(x)
@@ -666,28 +699,28 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            params = group["params"]
+            params, momentum, lr = group["params"], group["momentum"], group["lr"]
             device = params[0].device
             updates = torch.zeros(sum(p.numel() for p in params), device=device,
                                   dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-            offset = 0
-            for i, p in enumerate(params):
-                if i % self.world_size == self.rank and p.grad is not None:
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    u = p.grad.add(buf, alpha=group["momentum"])
-                    if group["row_norm"]:  # MuonEq-R
-                        u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-7)
-                    o = self.orthogonalize(u, group["ns_steps"], group["polar"]) * max(1.0, p.size(0) / p.size(1)) ** 0.5
-                    updates[offset:offset + p.numel()] = o.flatten()
-                offset += p.numel()
+            slices = updates.split([p.numel() for p in params])
+            mine = [i for i, p in enumerate(params) if i % self.world_size == self.rank and p.grad is not None]
+            grads = [params[i].grad for i in mine]
+            bufs = [self.state[params[i]].setdefault("momentum_buffer", torch.zeros_like(params[i])) for i in mine]
+            if mine:
+                torch._foreach_mul_(bufs, momentum)
+                torch._foreach_add_(bufs, grads)
+            for i, u in zip(mine, torch._foreach_add(grads, bufs, alpha=momentum) if mine else []):  # Nesterov
+                p = params[i]
+                if group["row_norm"]:  # MuonEq-R
+                    u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-7)
+                o = self.orthogonalize(u, group["ns_steps"], group["polar"])
+                slices[i].copy_(o.flatten().mul_(max(1.0, p.size(0) / p.size(1)) ** 0.5))
             if self.world_size > 1:
                 dist.all_reduce(updates)
-            offset = 0
-            for p in params:
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(updates[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            torch._foreach_add_(params, [u.view_as(p) for u, p in zip(updates.float().split([p.numel() for p in params]), params)],
+                                alpha=-lr)
 
 
 def build_optimizers(model, h, rank=0, world_size=1):
@@ -788,9 +821,14 @@ def search_clip_scales(w, bits, quantiles=(0.999, 0.9995, 0.9999, 0.99999, 1.0))
     return best_scale
 
 
+def row_scales(w, bits, clip_k, h):
+    return sdclip_scales(w, bits, clip_k) if h.export_clip == "sdclip" else search_clip_scales(w, bits)
+
+
 def gptq_quantize(w, hessian, scale, bits, block=128, damp=0.01):
     """Full-Hessian GPTQ: quantize columns in order of decreasing H_ii, pushing each rounding error onto the
-    not-yet-quantized columns through the Cholesky factor of H^-1. Returns integer codes (as float)."""
+    not-yet-quantized columns through the Cholesky factor of H^-1. Returns integer codes (as float); raises
+    torch.linalg.LinAlgError when H + damping is not positive definite."""
     qmax = 2 ** (bits - 1) - 1
     w, H = w.float().clone(), hessian.float().clone()
     dead = torch.diag(H) == 0
@@ -815,25 +853,25 @@ def gptq_quantize(w, hessian, scale, bits, block=128, damp=0.01):
     return codes[:, torch.argsort(order)]
 
 
-def quantize_state(state, h, hessians=None, widen=1.0):
-    """{name: {"codes", "scale", "bits"} or {"raw"}}; widen > 1 coarsens every grid to shrink the file."""
-    out = {}
-    for name, t in state.items():
-        plan = export_plan(name, t, h)
-        if plan is None:
-            out[name] = {"raw": t.detach().to(torch.float16).cpu()}
-            continue
-        bits, clip_k = plan
-        w = t.detach().float()
-        scale = sdclip_scales(w, bits, clip_k) if h.export_clip == "sdclip" else search_clip_scales(w, bits)
-        if widen != 1.0:
-            scale = (scale * widen).clamp(max=65504).half().float()  # stay finite in fp16
-        if hessians is not None and name in hessians:
-            codes = gptq_quantize(w, hessians[name].to(w.device), scale, bits, h.gptq_block, h.gptq_damp)
+def quantize_tensor(w, bits, clip_k, h, hessian=None):
+    """{"codes", "scale", "bits"} of one matrix: GPTQ when a Hessian is given (damping x10, x100 if its Cholesky
+    fails, then rounding), else rounding. Also returns a note when it had to fall back."""
+    w = w.detach().float()
+    scale, note = row_scales(w, bits, clip_k, h), None
+    codes = None
+    if hessian is not None:
+        for damp in (h.gptq_damp, 10 * h.gptq_damp, 100 * h.gptq_damp):
+            try:
+                codes = gptq_quantize(w, hessian.to(w.device), scale, bits, h.gptq_block, damp)
+                note = None if damp == h.gptq_damp else f"Cholesky failed; GPTQ with damping {damp:g}"
+                break
+            except torch.linalg.LinAlgError:
+                continue
         else:
-            codes = quantize_rows(w, scale, bits)
-        out[name] = {"codes": codes.to(torch.int8).cpu(), "scale": scale.half().cpu(), "bits": bits}
-    return out
+            note = "Cholesky failed at every damping; rounded instead of GPTQ"
+    if codes is None:
+        codes = quantize_rows(w, scale, bits)
+    return {"codes": codes.to(torch.int8).cpu(), "scale": scale.half().cpu(), "bits": bits}, note
 
 
 def dequantize_state(qstate):
@@ -841,11 +879,36 @@ def dequantize_state(qstate):
             for name, e in qstate.items()}
 
 
-ARTIFACT_MAGIC = b"PGQ2"
+# Distributed export: rank r handles its share of the tensors (largest first, to the least-loaded rank); every
+# rank then receives everything, so all ranks take the same branches afterwards.
+
+def my_share(costs, rank, world_size):
+    load, owner = [0] * world_size, {}
+    for name in sorted(costs, key=lambda n: -costs[n]):
+        r = load.index(min(load))
+        owner[name], load[r] = r, load[r] + costs[name]
+    return [n for n in costs if owner[n] == rank]
+
+
+def gather_dicts(mine, world_size):
+    if world_size == 1:
+        return dict(mine)
+    parts = [None] * world_size
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+# The artifact: MAGIC | u32 header length | JSON header | frames. Frame 0 holds every 16-bit value (row scales,
+# passthrough tensors); then one frame of int8 codes per quantized tensor, so the file size is a sum of
+# independent frame sizes (exact size trials) and frames compress in parallel. Each frame is whichever of zstd
+# and lzma is smaller, recorded in the header.
+
+ARTIFACT_MAGIC = b"PGQ3"
+LZMA_PRESET = 9 | lzma.PRESET_EXTREME
 
 
 def byte_shuffle(data):
-    """Put the low bytes of all 16-bit values first, then the high bytes (zstd finds more repeats)."""
+    """Put the low bytes of all 16-bit values first, then the high bytes (the compressor finds more repeats)."""
     return data[0::2] + data[1::2]
 
 
@@ -856,48 +919,71 @@ def byte_unshuffle(data):
     return bytes(out)
 
 
-def serialize_quantized(qstate, level=22, shuffle=None):
-    """MAGIC | u32 header length | JSON header | zstd(int8 codes) | zstd(16-bit data, optionally byte-shuffled).
-    The codes frame only takes matches of >= 6 bytes: on noise-like codes zstd-22's 3-byte matches cost more
-    than they save, by up to 11 % (3.85 vs 3.47 bits per int6 code on the full model, measured).
-    shuffle=None keeps the smaller of both options for the 16-bit data."""
-    tensors, codes, halves = [], [], []
-    for name, e in qstate.items():
-        if "codes" in e:
-            tensors.append([name, list(e["codes"].shape), e["bits"]])
-            codes.append(e["codes"].numpy().tobytes())
-            halves.append(e["scale"].numpy().tobytes())
-        else:
-            tensors.append([name, list(e["raw"].shape), 16])
-            halves.append(e["raw"].numpy().tobytes())
-    compress = zstandard.ZstdCompressor(level=level).compress
-    code_params = zstandard.ZstdCompressionParameters.from_level(level, min_match=6)
-    code_frame = zstandard.ZstdCompressor(compression_params=code_params).compress(b"".join(codes))
-    half_bytes = b"".join(halves)
-    flag, half_frame = min(((f, compress(byte_shuffle(half_bytes) if f else half_bytes))
-                            for f in ([False, True] if shuffle is None else [shuffle])), key=lambda x: len(x[1]))
-    head = json.dumps({"tensors": tensors, "shuffle": flag, "code_frame_bytes": len(code_frame)}).encode()
-    return ARTIFACT_MAGIC + len(head).to_bytes(4, "little") + head + code_frame + half_frame
+def zstd_compress(data, level, min_match=None):
+    """zstd at `level`; min_match=6 for code frames, where on noise-like int codes zstd-22's 3-byte matches cost
+    more than they save (3.85 vs 3.47 bits per int6 code on the full model, measured)."""
+    params = zstandard.ZstdCompressionParameters.from_level(level, **({"min_match": min_match} if min_match else {}))
+    return zstandard.ZstdCompressor(compression_params=params).compress(data)
+
+
+def compress_frame(data, level, codes, shuffle=False):
+    """(method, frame): the smallest of zstd and lzma, on the data as is or (16-bit frame, shuffle None/True)
+    byte-shuffled."""
+    variants = [("", data)] if not shuffle else [("+shuffle", byte_shuffle(data))]
+    if shuffle is None:
+        variants.append(("+shuffle", byte_shuffle(data)))
+    candidates = [(name + suffix, fn(raw)) for suffix, raw in variants
+                  for name, fn in (("zstd", lambda b: zstd_compress(b, level, 6 if codes else None)),
+                                   ("lzma", lambda b: lzma.compress(b, preset=LZMA_PRESET)))]
+    return min(candidates, key=lambda c: len(c[1]))
+
+
+def decompress_frame(method, frame):
+    data = zstandard.ZstdDecompressor().decompress(frame) if method.startswith("zstd") else lzma.decompress(frame)
+    return byte_unshuffle(data) if method.endswith("+shuffle") else data
+
+
+def compress_code_frames(qstate, names, h, rank=0, world_size=1, log=None):
+    """{name: (method, frame)} for the codes of `names`, compressed by the ranks in parallel."""
+    share = my_share({n: qstate[n]["codes"].numel() for n in names}, rank, world_size)
+    progress, mine = Progress(log, "compression", len(share), "tensors") if log else None, {}
+    for n in share:
+        mine[n] = compress_frame(qstate[n]["codes"].numpy().tobytes(), h.zstd_level, True)
+        if progress:
+            progress.step()
+    return gather_dicts(mine, world_size)
+
+
+def sixteen_bit_frame(qstate, h):
+    halves = [(e["scale"] if "codes" in e else e["raw"]).numpy().tobytes() for e in qstate.values()]
+    return compress_frame(b"".join(halves), h.zstd_level, False, h.byte_shuffle)
+
+
+def serialize_quantized(qstate, frames, half_frame):
+    """The artifact from the quantized state, its code frames ({name: (method, frame)}) and the 16-bit frame."""
+    tensors = [[name, list((e["codes"] if "codes" in e else e["raw"]).shape), e.get("bits", 16)] for name, e in qstate.items()]
+    order = [half_frame] + [frames[name] for name, e in qstate.items() if "codes" in e]
+    head = json.dumps({"tensors": tensors, "frames": [[m, len(f)] for m, f in order]}).encode()
+    return ARTIFACT_MAGIC + len(head).to_bytes(4, "little") + head + b"".join(f for _, f in order)
 
 
 def deserialize_quantized(blob):
     if blob[:4] != ARTIFACT_MAGIC:
         raise DataError(f"model file is not a {ARTIFACT_MAGIC.decode()} artifact")
     n = int.from_bytes(blob[4:8], "little")
-    meta = json.loads(blob[8:8 + n])
-    split = 8 + n + meta["code_frame_bytes"]
-    codes = zstandard.ZstdDecompressor().decompress(blob[8 + n:split])
-    halves = zstandard.ZstdDecompressor().decompress(blob[split:])
-    halves = byte_unshuffle(halves) if meta["shuffle"] else halves
-    out, c, f = {}, 0, 0
+    meta, offset, frames = json.loads(blob[8:8 + n]), 8 + n, []
+    for method, size in meta["frames"]:
+        frames.append(decompress_frame(method, blob[offset:offset + size]))
+        offset += size
+    halves, code_frames, f, out = frames[0], iter(frames[1:]), 0, {}
     for name, shape, bits in meta["tensors"]:
-        k = math.prod(shape)
         if bits <= 8:
             rows = shape[0]
-            out[name] = {"codes": torch.frombuffer(bytearray(codes[c:c + k]), dtype=torch.int8).view(shape),
+            out[name] = {"codes": torch.frombuffer(bytearray(next(code_frames)), dtype=torch.int8).view(shape),
                          "scale": torch.frombuffer(bytearray(halves[f:f + 2 * rows]), dtype=torch.float16).clone(), "bits": bits}
-            c, f = c + k, f + 2 * rows
+            f += 2 * rows
         else:
+            k = math.prod(shape)
             out[name] = {"raw": torch.frombuffer(bytearray(halves[f:f + 2 * k]), dtype=torch.float16).view(shape).clone()}
             f += 2 * k
     return out
@@ -917,39 +1003,169 @@ def estimate_model_bytes(state, h):
     return int(bits / 8)
 
 
-def export_artifact(state, h, code_bytes, hessians=None, log=print):
-    """Quantize and compress; if code + model exceed the cap, widen every clip grid and retry (logged).
-    Returns (blob, qstate, widen). Raises rather than return an over-cap artifact."""
-    n_quant = sum(t.numel() for name, t in state.items() if export_plan(name, t, h))
-    widen = 1.0
-    for _ in range(12):
-        qstate = quantize_state(state, h, hessians, widen)
-        blob = serialize_quantized(qstate, h.zstd_level, h.byte_shuffle)
-        total = len(blob) + code_bytes
-        if total <= h.artifact_cap_bytes:
-            return blob, qstate, widen
-        excess_bits = 8.0 * (total - h.artifact_cap_bytes) / max(n_quant, 1)
-        widen *= 2 ** excess_bits * 1.02
-        log(f"artifact_fit: total {total} bytes > cap {h.artifact_cap_bytes}; widening every clip grid to x{widen:.4f}")
-    raise RuntimeError(f"could not fit the artifact under {h.artifact_cap_bytes} bytes (last total {total}); not writing it")
+# Spending the budget: every quantized tensor has a ladder of grids, quarter-bit steps of the quantization step
+# around its default (the clip range kept at least the default's, up to int8). Cheap trials rate each rung by
+# the entropy of its rounded codes (scaled to the exact compressed size of the default) and by its
+# Hessian-diagonal-weighted rounding error; a Lagrange multiplier then picks one rung per tensor so that the
+# total lands just under the cap, and only the chosen grids get GPTQ and a real compression.
+
+LADDER_STEPS = range(-8, 13)  # quantization step x 2^(-j/4): j > 0 is finer
+TARGET_SLACK = 10_000  # aim this far under the cap: the exact sizes after GPTQ differ a little from the trials
+
+
+def grid_ladder(bits, clip_k):
+    """[(bits, clip_k)] from coarsest to finest; rung 0 of LADDER_STEPS is the default grid."""
+    step, rungs = clip_k / (2 ** (bits - 1) - 1), []
+    for j in LADDER_STEPS:
+        s = step * 2 ** (-j / 4)
+        b = next((b for b in range(2, 9) if (2 ** (b - 1) - 1) * s >= clip_k - 1e-9), 8)
+        rungs.append((b, (2 ** (b - 1) - 1) * s))
+    return rungs
+
+
+def rung_trials(w, hdiag, rungs, h):
+    """[(estimated bytes, weighted squared error)] of rounding `w` to each rung's grid."""
+    w, out = w.detach().float(), []
+    for bits, clip_k in rungs:
+        qmax, scale = 2 ** (bits - 1) - 1, row_scales(w, bits, clip_k, h)
+        codes = quantize_rows(w, scale, bits)
+        counts = torch.bincount((codes + qmax).flatten().long(), minlength=2 * qmax + 1).double()
+        p = counts[counts > 0] / codes.numel()
+        entropy_bytes = float(-(p * p.log2()).sum()) * codes.numel() / 8
+        out.append((entropy_bytes, float(((w - codes * scale[:, None]).square() * hdiag).sum())))
+    return out
+
+
+def pick_rungs(trials, budget):
+    """{name: rung} minimising the total error subject to total bytes <= budget: a Lagrange multiplier found by
+    bisection, then the bytes left spent on the best single-tensor upgrades."""
+    def choose(lam):
+        return {n: min(range(len(t)), key=lambda i: t[i][1] + lam * t[i][0]) for n, t in trials.items()}
+
+    def size(choice):
+        return sum(trials[n][i][0] for n, i in choice.items())
+
+    lo, hi = 0.0, 1.0
+    while size(choose(hi)) > budget and hi < 1e30:
+        lo, hi = hi, hi * 16
+    for _ in range(60):
+        mid = (lo * hi) ** 0.5 if lo else hi / 1e6
+        lo, hi = (lo, mid) if size(choose(mid)) <= budget else (mid, hi)
+    choice = choose(hi)
+    while True:  # top up with the upgrade that removes the most error per byte
+        left = budget - size(choice)
+        moves = [((t[i][1] - t[j][1]) / (t[j][0] - t[i][0]), n, j) for n, t in trials.items() for i in [choice[n]]
+                 for j in range(i + 1, len(t)) if 0 < t[j][0] - t[i][0] <= left and t[j][1] < t[i][1]]
+        if not moves:
+            return choice
+        _, n, j = max(moves)
+        choice[n] = j
+
+
+def export_artifact(state, h, code_bytes, hessians=None, log=print, rank=0, world_size=1):
+    """Quantize (GPTQ on the ranks in parallel), choose each tensor's grid so that code + model land just under
+    ARTIFACT_CAP_BYTES (with BUDGET_FILL also spending what is left), compress, and measure exactly; the grids
+    move until the total fits. Returns (blob, qstate, report). Raises rather than return an over-cap artifact."""
+    t0, cap = time.perf_counter(), h.artifact_cap_bytes
+    plans = {n: export_plan(n, t, h) for n, t in state.items()}
+    quantized = [n for n, p in plans.items() if p]
+    qstate = {n: {"raw": t.detach().to(torch.float16).cpu()} for n, t in state.items() if not plans[n]}
+    ladders = {n: grid_ladder(*plans[n]) for n in quantized}
+    default = LADDER_STEPS.index(0)
+    rungs, frames, notes = {n: default for n in quantized}, {}, []
+
+    def regrid(names):
+        """GPTQ (or rounding) of `names` at their current rungs, then their code frames; all on the ranks in parallel."""
+        share = my_share({n: state[n].numel() for n in names}, rank, world_size)
+        progress = Progress(log, "gptq" if hessians else "quantize", len(share), "tensors") if log else None
+        done = {}
+        for n in share:
+            done[n], note = quantize_tensor(state[n], *ladders[n][rungs[n]], h, hessians.get(n) if hessians else None)
+            done[n]["note"] = note and f"{n}: {note}"
+            if progress:
+                progress.step()
+        for n, e in gather_dicts(done, world_size).items():
+            note = e.pop("note")
+            notes.extend([note] if note else [])
+            qstate[n] = e
+        frames.update(compress_code_frames(qstate, names, h, rank, world_size, log))
+
+    def measure():
+        """(exact total bytes, artifact, state, 16-bit frame method) for the current grids (the 16-bit frame holds
+        their row scales)."""
+        ordered = {n: qstate[n] for n in state}  # the state's order, which the loader expects
+        half = sixteen_bit_frame(ordered, h)
+        blob = serialize_quantized(ordered, frames, half)
+        return code_bytes + len(blob), blob, ordered, half[0]
+
+    regrid(quantized)
+    total, blob, ordered, half_method = measure()
+    movable = [n for n in quantized if not (h.qat != "off" and n.startswith("blocks."))]  # QAT trained on its grid
+    if movable and (total > cap or (h.budget_fill and total < cap - TARGET_SLACK)):
+        share = my_share({n: state[n].numel() for n in movable}, rank, world_size)
+        hdiag = {n: (torch.diagonal(hessians[n]).float().cpu().clamp_min(0) if hessians and n in hessians
+                     else torch.ones(state[n].size(1))) for n in share}
+        trials = gather_dicts({n: rung_trials(state[n].cpu(), hdiag[n], ladders[n], h) for n in share}, world_size)
+        for n in movable:  # scale the entropy estimates to this tensor's exact compressed size at the default grid
+            ratio = len(frames[n][1]) / max(trials[n][default][0], 1.0)
+            trials[n] = [(b * ratio, e) for b, e in trials[n]]
+        aim = cap - TARGET_SLACK
+        for attempt in range(6):
+            others = total - sum(len(frames[n][1]) for n in movable)
+            budget = aim - others if h.budget_fill else min(aim - others, sum(trials[n][default][0] for n in movable))
+            chosen = pick_rungs(trials, budget)
+            changed = [n for n in movable if chosen[n] != rungs[n]]
+            if not changed:
+                break
+            rungs.update(chosen)
+            regrid(changed)
+            for n in changed:  # the exact size replaces the estimate of the chosen rung
+                trials[n][rungs[n]] = (len(frames[n][1]), trials[n][rungs[n]][1])
+            total, blob, ordered, half_method = measure()
+            log(f"artifact_fit: attempt {attempt + 1}: {len(changed)} tensors regridded, total {total} bytes (cap {cap})")
+            if total <= cap and (total >= cap - 50_000 or not h.budget_fill):
+                break
+            aim += cap - TARGET_SLACK - total  # steer the next attempt by this one's miss
+    if total > cap:
+        raise RuntimeError(f"could not fit the artifact under {cap} bytes (total {total}); not writing it")
+    grids, methods = {}, {}
+    for n in quantized:
+        bits, clip_k = ladders[n][rungs[n]]
+        key = f"int{bits}/k{clip_k:.1f}"
+        grids[key] = grids.get(key, 0) + 1
+    for m in [half_method] + [frames[n][0] for n in quantized]:
+        methods[m] = methods.get(m, 0) + 1
+    report = {"grids": grids, "methods": methods, "notes": notes, "seconds": time.perf_counter() - t0,
+              "regridded": sum(rungs[n] != default for n in quantized)}
+    return blob, ordered, report
 
 
 @torch.no_grad()
 def collect_hessians(model, batches, h, autocast):
-    """H = mean X^T X over training batches for each exported linear's input and for the final-norm output
-    (the tied embedding's input as LM head). All-reduced over ranks."""
+    """H = sum over calls of X^T X / rows, in fp32 outside autocast (bf16 accumulation erred by 0.7 %), for each
+    exported linear's input, once per distinct input (c_q, c_k and c_v share one), over every pass of a looped
+    layer; the tied embedding's is the final-norm output (its input as LM head). Averaged over batches and ranks."""
     hessians, hooks = {}, []
 
     def accumulate(key):
         def hook(module, inputs, output):
-            x = (inputs[0] if isinstance(module, CastedLinear) else output).detach().float()
-            x = x.reshape(-1, x.size(-1))
-            hessians[key] = hessians.get(key, 0) + x.T @ x / x.size(0)
+            x = (inputs[0] if isinstance(module, CastedLinear) else output).detach()
+            x = x.reshape(-1, x.size(-1)).float()
+            with torch.autocast(x.device.type, enabled=False):
+                xtx = x.T @ x / x.size(0)
+            if key in hessians:
+                hessians[key] += xtx
+            else:
+                hessians[key] = xtx
         return hook
 
+    shared = {}
     for name, module in model.named_modules():
         if isinstance(module, CastedLinear) and name.startswith("blocks.") and export_plan(name + ".weight", module.weight, h):
-            hooks.append(module.register_forward_hook(accumulate(name + ".weight")))
+            if name.endswith((".attn.c_k", ".attn.c_v")):
+                shared[name + ".weight"] = name.rsplit(".", 1)[0] + ".c_q.weight"
+            else:
+                hooks.append(module.register_forward_hook(accumulate(name + ".weight")))
     if export_plan("tok_emb.weight", model.tok_emb.weight, h):
         hooks.append(model.final_norm.register_forward_hook(accumulate("tok_emb.weight")))
     n = 0
@@ -964,6 +1180,7 @@ def collect_hessians(model, batches, h, autocast):
         if world > 1:
             dist.all_reduce(hessians[key])
         hessians[key] /= n * world
+    hessians.update({name: hessians[source] for name, source in shared.items()})
     return hessians
 
 
@@ -1010,8 +1227,10 @@ def evaluate(logits_fn, tokens, luts, seq_len, stride, batch_seqs, rank=0, world
 
 
 def make_logits_fn(model, compile_model, autocast):
+    """Inference logits (no_grad, autocast): compiled, one graph, the same for the warm-up and every batch."""
     fn = torch.compile(model.forward_logits, dynamic=False, fullgraph=True) if compile_model else model.forward_logits
 
+    @torch.no_grad()
     def logits(x):
         with autocast:
             return fn(x)
@@ -1136,9 +1355,32 @@ def setup_distributed():
     elif "OMP_NUM_THREADS" not in os.environ:  # ranks sharing a CPU must not oversubscribe its cores
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    if world_size > 1:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if world_size > 1:  # export keeps ranks waiting for minutes on CPU work: not NCCL's default 10
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=60))
     return rank, world_size, device
+
+
+def configure_attention(run):
+    """FA3 if it imports and traces (forward and backward) under fullgraph compile, else SDPA; on CUDA SDPA is held
+    to its flash backend (letting it choose was measured ~9 % slower). Returns what runs, for the log."""
+    h = run.h
+    if not run.is_cuda:
+        h.fa3 = False
+        return "sdpa (CPU)"
+    for backend, on in (("flash", True), ("mem_efficient", False), ("math", False), ("cudnn", False)):
+        getattr(torch.backends.cuda, f"enable_{backend}_sdp")(on)
+    if not h.fa3 or fa3_attention is None:
+        h.fa3 = False
+        return "sdpa flash backend (" + ("FA3=0" if fa3_attention else "flash_attn_interface is not installed") + ")"
+    try:
+        q = torch.randn(2, 128, 4, 64, device=run.device, dtype=torch.bfloat16, requires_grad=True)
+        kv = torch.randn(2, 128, 2, 64, device=run.device, dtype=torch.bfloat16, requires_grad=True)
+        traced = torch.compile(lambda q, k, v: causal_attention(q, k, v, True), fullgraph=True, dynamic=False)
+        traced(q, kv, kv).float().square().sum().backward()
+        return "fa3 (flash_attn_interface, traced under torch.compile fullgraph)"
+    except Exception as error:  # noqa: BLE001  any failure means: do not use it
+        h.fa3 = False
+        return f"sdpa flash backend (FA3 failed to trace: {type(error).__name__}: {str(error)[:200]})"
 
 
 class Run:
@@ -1148,7 +1390,10 @@ class Run:
         self.h, self.rank, self.world_size, self.device, self.log = h, rank, world_size, device, log
         self.master, self.is_cuda = rank == 0, device.type == "cuda"
         self.compile = self.is_cuda if h.compile is None else h.compile
-        self.autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.is_cuda)
+        self.autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                                       enabled=self.is_cuda if h.bf16 is None else h.bf16)
+        if self.compile:  # several graphs (loop on/off, Muon's matrix shapes) must all stay cached
+            torch._dynamo.config.cache_size_limit = 64
         self.output_dir = Path(h.output_dir)
         self.code_bytes = len(Path(__file__).read_bytes())
         self.phase, self.t_start = "start-up", time.perf_counter()
@@ -1171,6 +1416,7 @@ def start_run():
     log(f"log: {log.path}")
     run = Run(h, rank, world_size, device, log)
     log(run_header(h, device, world_size), console=False)
+    log(f"attention: {configure_attention(run)}")
     if run.master:  # a run that stops early must not leave this run's model beside an older run's submission.json
         for name in (ARTIFACT_NAME, SUBMISSION_NAME):
             old = run.output_dir / name
@@ -1219,15 +1465,16 @@ def train(run, data):
     optimizers = build_optimizers(model, h, run.rank, run.world_size)
     train_model = model
     if run.compile:
-        optimizers[1].orthogonalize = torch.compile(orthogonalize)
+        optimizers[1].orthogonalize = torch.compile(orthogonalize, dynamic=False)  # one static graph per matrix shape
         train_model = torch.compile(model, dynamic=False, fullgraph=True)
-    if run.world_size > 1:
-        train_model = DDP(train_model, device_ids=[device.index] if run.is_cuda else None, broadcast_buffers=False)
+    if run.world_size > 1:  # DDP around the compiled model: compile(DDP) does not trace under fullgraph (tested)
+        train_model = DDP(train_model, device_ids=[device.index] if run.is_cuda else None, broadcast_buffers=False,
+                          gradient_as_bucket_view=True)
 
     def train_step(step, loader, lr_scale):
         total = torch.zeros((), device=device)
         for micro in range(accum):
-            x, y = loader.next_batch(local_tokens, h.train_seq_len)
+            x, y = loader.next_batch()
             if run.world_size > 1:
                 train_model.require_backward_grad_sync = micro == accum - 1
             with run.autocast:
@@ -1251,7 +1498,7 @@ def train(run, data):
         log(f"warmup: {h.warmup_steps} steps{' (compiling: the first takes longest)' if run.compile else ''}; rolled back afterwards")
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        warmup_loader = DistributedTokenLoader(data.train_files, run.rank, run.world_size, device)
+        warmup_loader = DistributedTokenLoader(data.train_files, run.rank, run.world_size, device, local_tokens, h.train_seq_len)
         for i in range(h.warmup_steps):
             train_step(0, warmup_loader, 1.0)
             log(f"warmup_step:{i + 1}/{h.warmup_steps}")
@@ -1259,7 +1506,7 @@ def train(run, data):
         for opt, state in zip(optimizers, states):
             opt.load_state_dict(state)
 
-    loader = DistributedTokenLoader(data.train_files, run.rank, run.world_size, device)
+    loader = DistributedTokenLoader(data.train_files, run.rank, run.world_size, device, local_tokens, h.train_seq_len)
     averager = WeightAverager(model, h)
     reserve_ms = 1000 * h.gptq_reserve_seconds if h.gptq else 0.0
     cap_ms = 1000 * h.max_wallclock_seconds - reserve_ms if h.max_wallclock_seconds else 0.0
@@ -1316,9 +1563,8 @@ def calibrate(run, trained):
     if not h.gptq:
         return None
     run.phase = "GPTQ Hessians"
-    _, local_tokens = h.batch_layout(run.world_size)
     t = time.perf_counter()
-    batches = (trained.loader.next_batch(local_tokens, h.train_seq_len)[0] for _ in range(h.gptq_calib_batches))
+    batches = (trained.loader.next_batch()[0] for _ in range(h.gptq_calib_batches))
     hessians = collect_hessians(trained.model, batches, h, run.autocast)
     run.sync()
     trained.hessian_ms = 1000 * (time.perf_counter() - t)
@@ -1334,26 +1580,28 @@ def evaluate_trained(run, data, trained):
     """The float (averaged, pre-quantization) model on non-overlapping windows: the reference for the quant gap."""
     h = run.h
     run.phase = "pre-quantization evaluation"
-    pre = evaluate(make_logits_fn(trained.model, False, run.autocast), data.val_tokens, data.luts, h.eval_seq_len,
+    pre = evaluate(make_logits_fn(trained.model, run.compile, run.autocast), data.val_tokens, data.luts, h.eval_seq_len,
                    h.eval_seq_len, h.eval_batch_seqs, run.rank, run.world_size, run.log, "pre_quant eval")
     run.log(f"pre_quant val_loss:{pre['val_loss']:.4f} val_bpb:{pre['val_bpb']:.4f}")
     return pre
 
 
 def export(run, trained, hessians):
-    """Rank 0 quantizes and compresses under the cap and writes the artifact; returns its path."""
+    """Every rank quantizes and compresses its share; rank 0 writes the artifact. Returns its path."""
     h, log = run.h, run.log
     run.phase = "export"
     artifact = run.output_dir / ARTIFACT_NAME
+    state = {k: v.detach() for k, v in trained.model.state_dict().items()}
+    blob, _, report = export_artifact(state, h, run.code_bytes, hessians, log, run.rank, run.world_size)
+    for note in report["notes"]:
+        log(f"gptq_fallback: {note}")
+    log(f"export: {report['seconds']:.1f}s on {run.world_size} rank(s); grids {report['grids']}; "
+        f"{report['regridded']} tensors off their default grid (BUDGET_FILL={int(h.budget_fill)}); frames {report['methods']}")
     if run.master:
-        t = time.perf_counter()
-        state = {k: v.detach() for k, v in trained.model.state_dict().items()}
-        blob, _, widen = export_artifact(state, h, run.code_bytes, hessians, log)
         artifact.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(artifact, blob)
         disk_total = artifact.stat().st_size + Path(__file__).stat().st_size
-        log(f"Serialized model int6+zstd: {len(blob)} bytes (export {1000 * (time.perf_counter() - t):.0f}ms, "
-            f"gptq:{hessians is not None} clip_widen:x{widen:.4f})")
+        log(f"Serialized model int6+zstd: {len(blob)} bytes (gptq:{hessians is not None})")
         log(f"Code size: {run.code_bytes} bytes")
         log(f"Total submission size int6+zstd: {len(blob) + run.code_bytes} bytes (on disk {disk_total}, cap {h.artifact_cap_bytes})")
         assert disk_total == len(blob) + run.code_bytes <= h.artifact_cap_bytes

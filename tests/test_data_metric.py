@@ -222,22 +222,23 @@ def _loader_chunk(x, y):
 @pytest.mark.parametrize("local_tokens,seq_len", [(4, 2), (6, 3), (8, 8)])
 def test_distributed_loader_ranks_partition_stream(three_shards, world_size, local_tokens, seq_len):
     files, full = three_shards
-    loaders = [train_gpt.DistributedTokenLoader(files, r, world_size, torch.device("cpu")) for r in range(world_size)]
-    single = train_gpt.DistributedTokenLoader(files, 0, 1, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    loaders = [train_gpt.DistributedTokenLoader(files, r, world_size, cpu, local_tokens, seq_len) for r in range(world_size)]
+    single = train_gpt.DistributedTokenLoader(files, 0, 1, cpu, local_tokens, seq_len)
     ref = itertools.cycle(full.tolist())
     span = local_tokens + 1
     for _ in range(5):  # several calls: crosses every shard boundary and wraps around
         chunk = [next(ref) for _ in range(world_size * span)]
         seen = []
         for r, loader in enumerate(loaders):
-            x, y = loader.next_batch(local_tokens, seq_len)
+            x, y = loader.next_batch()
             assert x.shape == y.shape == (local_tokens // seq_len, seq_len)
             assert x.dtype == y.dtype == torch.int64
             mine = _loader_chunk(x, y)
             assert mine == chunk[r * span:(r + 1) * span]  # disjoint, in stream order
             seen.extend(mine)
             # one rank making world_size consecutive calls sees exactly what rank r sees
-            x1, y1 = single.next_batch(local_tokens, seq_len)
+            x1, y1 = single.next_batch()
             assert torch.equal(x1, x) and torch.equal(y1, y)
         assert seen == chunk  # together (x plus the +1 target) they cover exactly the chunk
 
@@ -266,7 +267,7 @@ def test_token_stream_all_empty_shards_raises(tmp_path):
     signal.alarm(1)
     try:
         with pytest.raises(DataError):
-            train_gpt.DistributedTokenLoader(files, 0, 1, torch.device("cpu")).next_batch(4, 2)
+            train_gpt.DistributedTokenLoader(files, 0, 1, torch.device("cpu"), 4, 2).next_batch()
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
@@ -274,11 +275,11 @@ def test_token_stream_all_empty_shards_raises(tmp_path):
 
 def test_distributed_loader_deterministic(three_shards):
     files, _ = three_shards
-    a = train_gpt.DistributedTokenLoader(files, 1, 2, torch.device("cpu"))
-    b = train_gpt.DistributedTokenLoader(files, 1, 2, torch.device("cpu"))
+    a = train_gpt.DistributedTokenLoader(files, 1, 2, torch.device("cpu"), 6, 3)
+    b = train_gpt.DistributedTokenLoader(files, 1, 2, torch.device("cpu"), 6, 3)
     for _ in range(6):
-        xa, ya = a.next_batch(6, 3)
-        xb, yb = b.next_batch(6, 3)
+        xa, ya = a.next_batch()
+        xb, yb = b.next_batch()
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 

@@ -44,6 +44,12 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+def rtn_qstate(state, h):
+    """Every tensor on its default grid, by rounding: what export_artifact starts from without Hessians."""
+    return {n: (train_gpt.quantize_tensor(t, *plan, h)[0] if (plan := train_gpt.export_plan(n, t, h))
+                else {"raw": t.detach().half()}) for n, t in state.items()}
+
+
 def _randomize(model, seed=0, std=0.05):
     """Give the zero-initialised matrices (attention/MLP out-projections, bigram/VE projections) real values."""
     g = torch.Generator().manual_seed(seed)
@@ -436,7 +442,7 @@ def test_fake_quant_equals_exported_rtn(name):
     h = make_h(MLP_BITS=5, ATTN_BITS=6, MLP_CLIP_K=11.0)
     state = _randomize(train_gpt.build_model(h)).state_dict()
     bits, k = train_gpt.export_plan(name, state[name], h)
-    q = train_gpt.quantize_state({name: state[name]}, h, hessians=None)
+    q = rtn_qstate({name: state[name]}, h)
     assert q[name]["bits"] == bits and q[name]["codes"].dtype == torch.int8
     deq = train_gpt.dequantize_state(q)[name]
     assert torch.equal(train_gpt.fake_quant(state[name], bits, k), deq)
@@ -452,7 +458,7 @@ def test_qat_with_search_clip_is_rejected():
 def test_qat_forward_uses_the_exported_grid():
     h = make_h(QAT="on", EXPORT_CLIP="sdclip", MLP_BITS=5)
     model = _randomize(train_gpt.build_model(h))
-    rtn = train_gpt.dequantize_state(train_gpt.quantize_state(model.state_dict(), h))
+    rtn = train_gpt.dequantize_state(rtn_qstate(model.state_dict(), h))
     checked = 0
     for name, module in model.named_modules():
         if not isinstance(module, train_gpt.CastedLinear):
@@ -590,17 +596,29 @@ def test_gptq_dead_columns():
 def _qstate(h=None, seed=0):
     h = h or make_h(**FULL)
     model = _randomize(train_gpt.build_model(h), seed=seed)
-    return h, model, train_gpt.quantize_state(model.state_dict(), h)
+    return h, model, rtn_qstate(model.state_dict(), h)
 
 
-@pytest.mark.parametrize("shuffle", [True, False, None])
-def test_serialize_round_trip(shuffle):
-    h, model, q = _qstate()
-    blob = train_gpt.serialize_quantized(q, level=9, shuffle=shuffle)
+def _serialize(q, h):
+    frames = train_gpt.compress_code_frames(q, [n for n, e in q.items() if "codes" in e], h)
+    return train_gpt.serialize_quantized(q, frames, train_gpt.sixteen_bit_frame(q, h)), frames
+
+
+@pytest.mark.parametrize("shuffle", ["1", "0", "auto"])
+def test_serialize_round_trip_and_frame_choice(shuffle):
+    h, model, q = _qstate(make_h(**FULL, BYTE_SHUFFLE=shuffle, ZSTD_LEVEL=9))
+    blob, frames = _serialize(q, h)
     head = int.from_bytes(blob[4:8], "little")
-    frame = blob[8 + head:]
-    assert blob[:4] == train_gpt.ARTIFACT_MAGIC and frame[:4] == b"\x28\xb5\x2f\xfd", "codes are not a zstd frame"
-    assert zstandard.get_frame_parameters(frame).content_size > 0
+    meta = json.loads(blob[8:8 + head])
+    assert blob[:4] == train_gpt.ARTIFACT_MAGIC
+    assert len(meta["frames"]) == 1 + sum("codes" in e for e in q.values())
+    assert 8 + head + sum(n for _, n in meta["frames"]) == len(blob)  # the file is exactly header + frames
+    half_method = meta["frames"][0][0]
+    assert half_method.endswith("+shuffle") == (shuffle == "1") or shuffle == "auto"
+    for name, (method, frame) in frames.items():  # each code frame is the smaller of zstd and lzma
+        raw = q[name]["codes"].numpy().tobytes()
+        sizes = {"zstd": len(train_gpt.zstd_compress(raw, 9, 6)), "lzma": len(train_gpt.lzma.compress(raw, preset=train_gpt.LZMA_PRESET))}
+        assert len(frame) == min(sizes.values()) and sizes[method] == len(frame)
     back = train_gpt.deserialize_quantized(blob)
     assert list(back) == list(q)
     for name, e in q.items():
@@ -611,17 +629,13 @@ def test_serialize_round_trip(shuffle):
             assert back[name]["bits"] == e["bits"]
         else:
             assert torch.equal(back[name]["raw"], e["raw"]) and back[name]["raw"].dtype == torch.float16
-    if shuffle is None:
-        sizes = [len(train_gpt.serialize_quantized(q, level=9, shuffle=s)) for s in (False, True)]
-        assert len(blob) == min(sizes)
 
 
 def test_deserialize_rejects_wrong_magic():
-    _, _, q = _qstate()
-    blob = train_gpt.serialize_quantized(q, level=3, shuffle=False)
-    bad = b"PGQ0" + blob[4:]
+    h, _, q = _qstate()
+    blob, _ = _serialize(q, h)
     with pytest.raises(train_gpt.DataError):
-        train_gpt.deserialize_quantized(bad)
+        train_gpt.deserialize_quantized(b"PGQ2" + blob[4:])
 
 
 def test_byte_shuffle_inverse():
@@ -637,7 +651,7 @@ def test_byte_shuffle_inverse():
 
 def test_dequantize_state_loads_strictly_into_fresh_model():
     h, model, q = _qstate()
-    deq = train_gpt.dequantize_state(train_gpt.deserialize_quantized(train_gpt.serialize_quantized(q, level=3)))
+    deq = train_gpt.dequantize_state(train_gpt.deserialize_quantized(_serialize(q, h)[0]))
     ref = model.state_dict()
     assert list(deq) == list(ref)
     for name, t in ref.items():
@@ -653,45 +667,132 @@ def test_dequantize_state_loads_strictly_into_fresh_model():
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. Fitting under the cap, size estimate
+# 8. Fitting under the cap and filling it; the ladder of grids; the size estimate
 
-def test_export_artifact_fits_a_small_cap():
-    h = make_h()
-    state = _randomize(train_gpt.build_model(h), std=0.05).state_dict()
-    code_bytes = 5000
-    blob0, _, widen0 = train_gpt.export_artifact(state, h, code_bytes, log=lambda m: pytest.fail(f"unexpected log: {m}"))
-    assert widen0 == 1.0
-    cap = int(0.7 * (len(blob0) + code_bytes))
-    hc = make_h(ARTIFACT_CAP_BYTES=cap)
+def _export(state, code_bytes=5000, **overrides):
     lines = []
-    blob, qstate, widen = train_gpt.export_artifact(state, hc, code_bytes, log=lines.append)
-    assert len(blob) + code_bytes <= cap
-    assert widen > 1
-    assert lines and all(line.startswith("artifact_fit:") for line in lines)
+    h = make_h(**{"ZSTD_LEVEL": 9, **overrides})
+    blob, qstate, report = train_gpt.export_artifact(state, h, code_bytes, log=lines.append)
+    return blob, qstate, report, [line for line in lines if line.startswith("artifact_fit")]
+
+
+def _roundtrip_error(state, qstate):
+    deq = train_gpt.dequantize_state(qstate)
+    return sum(float((state[n].float() - deq[n]).square().sum()) for n, e in qstate.items() if "codes" in e)
+
+
+@pytest.fixture(scope="module")
+def export_state():
+    torch.manual_seed(0)
+    return _randomize(train_gpt.build_model(make_h(MODEL_DIM=128, MLP_MULT=3, NUM_LAYERS=3, XSA_LAST_N=3)), std=0.05).state_dict()
+
+
+def test_grid_ladder_steps_by_quarter_bits():
+    for bits, k in ((6, 13.0), (5, 12.0), (8, 20.0)):
+        ladder = train_gpt.grid_ladder(bits, k)
+        assert ladder[train_gpt.LADDER_STEPS.index(0)] == (bits, pytest.approx(k))
+        steps = [kk / (2 ** (b - 1) - 1) for b, kk in ladder]
+        for j, (coarse, fine) in enumerate(zip(steps, steps[1:])):
+            assert coarse / fine == pytest.approx(2 ** 0.25), j
+        for b, kk in ladder:  # every rung keeps at least the default clip range, or is int8
+            assert 2 <= b <= 8 and (kk >= k - 1e-6 or b == 8)
+
+
+def test_export_without_budget_fill_keeps_the_default_grids(export_state):
+    blob, qstate, report, fits = _export(export_state, BUDGET_FILL=0)
+    assert not fits and report["regridded"] == 0
+    q = rtn_qstate(export_state, make_h())
+    for name, e in q.items():
+        assert set(qstate[name]) == set(e) and all(torch.equal(qstate[name][k], e[k]) for k in e if k != "bits"), name
+    assert train_gpt.deserialize_quantized(blob).keys() == q.keys()
+
+
+def test_export_fits_a_small_cap_by_coarsening(export_state):
+    natural = len(_export(export_state, BUDGET_FILL=0)[0]) + 5000
+    cap = int(0.8 * natural)
+    blob, qstate, report, fits = _export(export_state, ARTIFACT_CAP_BYTES=cap)
+    assert len(blob) + 5000 <= cap and fits and report["regridded"] > 0
     back = train_gpt.deserialize_quantized(blob)
     for name, e in qstate.items():
         if "codes" in e:
             assert torch.equal(back[name]["codes"], e["codes"]) and torch.equal(back[name]["scale"], e["scale"])
-    # the returned qstate is the widened one: coarser scales than the uncapped export
-    q1 = train_gpt.quantize_state(state, h)
-    name = "blocks.0.mlp.fc.weight"
-    assert torch.all(qstate[name]["scale"].float() >= q1[name]["scale"].float())
+    assert _roundtrip_error(export_state, qstate) > _roundtrip_error(export_state, rtn_qstate(export_state, make_h()))
 
 
-def test_export_artifact_impossible_cap_raises():
-    h = make_h(ARTIFACT_CAP_BYTES=1000, ZSTD_LEVEL=3, BYTE_SHUFFLE=0)
-    state = _randomize(train_gpt.build_model(h)).state_dict()
-    lines = []
-    with pytest.raises(RuntimeError):
-        train_gpt.export_artifact(state, h, 500, log=lines.append)
-    assert lines and lines[0].startswith("artifact_fit:")
+@pytest.mark.parametrize("fill", [1, 0])
+def test_export_below_cap_fills_the_window_or_stays(export_state, fill):
+    natural_blob, natural_q, _, _ = _export(export_state, BUDGET_FILL=0)
+    cap = len(natural_blob) + 5000 + 120_000
+    blob, qstate, report, fits = _export(export_state, ARTIFACT_CAP_BYTES=cap, BUDGET_FILL=fill)
+    total = len(blob) + 5000
+    if fill:
+        assert cap - 50_000 <= total <= cap, (total, cap)
+        assert _roundtrip_error(export_state, qstate) < 0.8 * _roundtrip_error(export_state, natural_q)
+    else:
+        assert blob == natural_blob and not fits
+
+
+def test_export_impossible_cap_raises(export_state):
+    with pytest.raises(RuntimeError, match="could not fit"):
+        _export(export_state, ARTIFACT_CAP_BYTES=6000)
+
+
+def test_cholesky_failure_falls_back_to_more_damping_then_rounding():
+    h = make_h()
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 32, generator=g)
+    q, note = train_gpt.quantize_tensor(w, 6, 13.0, h, -torch.eye(32))  # negative definite even when damped
+    assert "rounded" in note and torch.equal(q["codes"], train_gpt.quantize_rows(w, train_gpt.sdclip_scales(w, 6, 13.0), 6).to(torch.int8))
+    a = torch.randn(32, 32, generator=g)
+    H = a @ a.T - 0.05 * torch.eye(32) * torch.diag(a @ a.T).mean()  # indefinite; 10x damping makes it definite
+    q, note = train_gpt.quantize_tensor(w, 6, 13.0, h, H)
+    assert note and "damping" in note
+    q, note = train_gpt.quantize_tensor(w, 6, 13.0, h, a @ a.T)
+    assert note is None
+
+
+def _export_worker(rank, world_size, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        torch.manual_seed(0)
+        h = make_h(ZSTD_LEVEL=9)
+        state = _randomize(train_gpt.build_model(h), std=0.05).state_dict()
+        hessians = {n: torch.eye(t.size(1)) * (1 + i) for i, (n, t) in enumerate(state.items()) if train_gpt.export_plan(n, t, h)}
+        hc = make_h(ZSTD_LEVEL=9, ARTIFACT_CAP_BYTES=120_000)
+        blob, _, report = train_gpt.export_artifact(state, hc, 1000, hessians, log=lambda m: None, rank=rank, world_size=world_size)
+        Path(out_dir, f"rank{rank}.bin").write_bytes(blob)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_export_equals_single_process(tmp_path):
+    """Two ranks each quantize and compress their share; both end with the artifact one process makes alone."""
+    ctx = mp.start_processes(_export_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("distributed export workers did not finish in 240 s")
+    torch.manual_seed(0)
+    h = make_h(ZSTD_LEVEL=9)
+    state = _randomize(train_gpt.build_model(h), std=0.05).state_dict()
+    hessians = {n: torch.eye(t.size(1)) * (1 + i) for i, (n, t) in enumerate(state.items()) if train_gpt.export_plan(n, t, h)}
+    blob, _, report = train_gpt.export_artifact(state, make_h(ZSTD_LEVEL=9, ARTIFACT_CAP_BYTES=120_000), 1000, hessians,
+                                                log=lambda m: None)
+    assert report["regridded"] > 0  # the cap made it move grids, so the ranks had to agree on that too
+    assert (tmp_path / "rank0.bin").read_bytes() == blob == (tmp_path / "rank1.bin").read_bytes()
 
 
 def test_estimate_model_bytes_within_factor_two():
     h = make_h()
     torch.manual_seed(0)
     state = train_gpt.build_model(h).state_dict()
-    real = len(train_gpt.export_artifact(state, h, 0)[0])
+    real = len(_export(state, 0, BUDGET_FILL=0)[0])
     est = train_gpt.estimate_model_bytes(state, h)
     assert real / 2 <= est <= 2 * real, (est, real)
 
@@ -742,7 +843,7 @@ def test_late_qat_under_torch_compile():
             float_loss = model(x, y).item()
             model.set_qat(alpha)
             exported = train_gpt.build_model(h)
-            exported.load_state_dict(train_gpt.dequantize_state(train_gpt.quantize_state(model.state_dict(), h)))
+            exported.load_state_dict(train_gpt.dequantize_state(rtn_qstate(model.state_dict(), h)))
             exported.set_qat(0.0)
             return abs(exported(x, y).item() - float_loss)
 

@@ -1,0 +1,158 @@
+"""One command that checks everything a GPU run depends on, and writes logs/gpu_check_<device>.txt.
+
+    python3 tools/gpu_check.py          # on a CUDA machine (one GPU is enough): the full-size default model
+    python3 tools/gpu_check.py --cpu    # the same path at a small size on the CPU (the test suite runs this)
+
+It builds the smoke dataset (tools/smoke_data.py, no download) and runs train_gpt's own phases on it with settings
+for a measurement, so what it proves is the code a real run executes: the attention kernel (FA3 present and
+traceable under torch.compile, or the logged fallback), the model compiled with fullgraph and bf16 autocast,
+gradient accumulation 8, at least 30 timed steps (ms/step, tokens/s, an MFU estimate, peak memory), Hessians,
+GPTQ and export of the model (time, bytes), and the evaluation: its compile inside the eval clock and the
+stride-64 sliding-window rate projected to the full FineWeb validation set on 8 GPUs. Each check prints one
+`check:` line; the exit code is 1 if any failed. The numbers are measurements of this machine only.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import smoke_data  # noqa: E402
+
+H100_BF16_DENSE_FLOPS = 989e12  # H100/H200 SXM peak dense bf16, the MFU denominator
+FINEWEB_VAL_TARGETS = {1024: 62_021_632, 8192: 40_540_160}  # the official validation set, for the projection
+TIMED_STEPS, WARMUP_STEPS = 32, 3
+
+# At --cpu: a small model that still has every piece (GQA, XSA, bigram, gates) and the same accumulation of 8.
+CPU_SIZE = dict(NUM_LAYERS="3", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2", ROPE_DIMS="8",
+                BIGRAM_BUCKETS="64", BIGRAM_DIM="16", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS=str(8 * 2 * 64),
+                EVAL_BATCH_SEQS="8", EVAL_STRIDE="16", MUON_MOMENTUM_WARMUP_STEPS="10")
+
+
+def settings(cpu, work):
+    data, tokenizer = smoke_data.cached_dataset(work / "data")
+    env = dict(DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer), RUN_ID="gpu_check", LOG_DIR=str(work / "logs"),
+               OUTPUT_DIR=str(work / "out"), ITERATIONS=str(WARMUP_STEPS + TIMED_STEPS), WARMUP_STEPS=str(WARMUP_STEPS),
+               MAX_WALLCLOCK_SECONDS="0", TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="0", GRAD_ACCUM_STEPS="8",
+               GPTQ_CALIB_BATCHES="4", COMPILE="1", BF16="1")
+    if cpu:
+        env.update(CPU_SIZE)
+    return env
+
+
+def step_times(log):
+    """{step: train_time ms} from the step lines."""
+    return {int(s): float(t) for s, t in re.findall(r"^step:(\d+)/\d+ train_loss:\S+ train_time:(\d+)ms", log, re.M)}
+
+
+def model_flops_per_token(h, n_params):
+    """6 N (forward + backward of every weight) plus causal attention: 6 T d per layer pass, as usual for MFU."""
+    return 6 * n_params + 6 * h.num_layers * h.train_seq_len * h.model_dim
+
+
+def run_check(cpu, work, report):
+    import torch
+    import train_gpt
+
+    os.environ.update(settings(cpu, work))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(name, None)
+    t = time.perf_counter()
+    run = train_gpt.start_run()
+    h = run.h
+    report(f"device: {train_gpt.describe_hardware(run.device, 1)}; torch {torch.__version__}")
+    kernel = re.search(r"^attention: (.*)$", Path(run.log.path).read_text(), re.M).group(1)
+    report(f"check: attention kernel: ok {kernel}")
+    if not cpu and not run.is_cuda:
+        report("check: CUDA: FAIL torch.cuda.is_available() is False (use --cpu on a machine without a GPU)")
+        return
+    data = train_gpt.Data(run)
+
+    t = time.perf_counter()
+    trained = train_gpt.train(run, data)
+    log = Path(run.log.path).read_text()
+    times = step_times(log)
+    n_params = sum(p.numel() for p in trained.model.parameters())
+    first, last = min(times), max(times)
+    ms = (times[last] - times[first]) / (last - first)
+    tokens = h.train_batch_tokens
+    mfu = model_flops_per_token(h, n_params) * tokens / (ms / 1000) / H100_BF16_DENSE_FLOPS
+    report(f"check: compiled training (fullgraph, bf16 autocast, grad accumulation {h.batch_layout(1)[0]}): ok "
+           f"{len(times)} steps after {WARMUP_STEPS} warm-up steps; training phase {time.perf_counter() - t:.1f}s incl. compile")
+    report(f"check: step time: ok {ms:.1f} ms/step over steps {first}..{last} at {tokens} tokens/step = "
+           f"{tokens / (ms / 1000):,.0f} tokens/s on 1 device" + ("" if cpu else f"; MFU ~{100 * mfu:.1f}% of 989 TFLOP/s"))
+    if run.is_cuda:
+        report(f"check: peak memory: ok {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated, "
+               f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB reserved (of {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)")
+
+    hessians = train_gpt.calibrate(run, trained)
+    t = time.perf_counter()
+    artifact = train_gpt.export(run, trained, hessians)
+    total = artifact.stat().st_size + run.code_bytes
+    ok = total <= h.artifact_cap_bytes
+    report(f"check: export: {'ok' if ok else 'FAIL'} {time.perf_counter() - t:.1f}s (GPTQ of {len(hessians or {})} "
+           f"Hessians + compression), {total} bytes incl. code (cap {h.artifact_cap_bytes})")
+
+    results = train_gpt.evaluate_artifact(run, data, artifact)
+    log = Path(run.log.path).read_text()
+    sliding_ms = float(re.search(r"^final_int6_sliding_window val_loss:\S+ val_bpb:\S+ eval_time:(\d+)ms", log, re.M).group(1))
+    n_targets = data.val_tokens.numel() - 1
+    windows = len(train_gpt.window_starts(n_targets, h.eval_seq_len, h.eval_stride))
+    rate = windows / (sliding_ms / 1000)
+    full = FINEWEB_VAL_TARGETS.get(h.vocab_size, FINEWEB_VAL_TARGETS[1024]) / h.eval_stride
+    report(f"check: evaluation: ok every target scored once; eval clock {results['eval_ms'] / 1000:.1f}s incl. compile "
+           f"(artifact open to last score); sliding stride {h.eval_stride}: {windows} windows in {sliding_ms / 1000:.2f}s "
+           f"= {rate:.1f} windows/s on 1 device")
+    if not cpu:
+        report(f"check: full-eval projection: ok ~{full / rate / 8:.0f}s for the {full:,.0f} stride-{h.eval_stride} windows of "
+               f"the FineWeb validation set on 8 such devices (plus the compile above)")
+    report(f"check: run log: {run.log.path}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cpu", action="store_true", help="run the same path at a small size on the CPU")
+    parser.add_argument("--out", default=None, help="report file (default logs/gpu_check_<device>.txt)")
+    args = parser.parse_args(argv)
+    import torch
+
+    device = "cpu" if args.cpu or not torch.cuda.is_available() else re.sub(r"\W+", "_", torch.cuda.get_device_name(0))
+    out = Path(args.out or ROOT / "logs" / f"gpu_check_{device}.txt")
+    lines, failed = [], False
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+    def report(line):
+        print(line, flush=True)
+        lines.append(line)
+
+    report(f"gpu_check {time.strftime('%Y-%m-%d %H:%M:%S')} commit {commit or '?'}: python3 tools/gpu_check.py"
+           + (" --cpu" if args.cpu else ""))
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
+        try:
+            run_check(args.cpu, Path(work), report)
+        except Exception:  # noqa: BLE001  the report must say what broke
+            report("check: FAIL\n" + traceback.format_exc())
+        failed = any("FAIL" in line for line in lines)
+        report(f"gpu_check: {'FAILED' if failed else 'all checks ok'} in {time.perf_counter() - t0:.0f}s")
+        run_logs = sorted(Path(work, "logs").glob("*.txt"))
+        body = run_logs[0].read_text() if run_logs else ""
+        body = re.sub(r"={100}\n.*?\n={100}\n", "(source omitted: see the commit above)\n", body, count=1, flags=re.S)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n\n---- the run's log\n" + body)
+    print(f"wrote {out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
