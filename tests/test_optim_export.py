@@ -232,15 +232,20 @@ def _muon_worker(rank, world_size, init_file, out_dir):
         dist.destroy_process_group()
 
 
-def test_distributed_muon_matches_single_process(tmp_path):
-    ctx = mp.start_processes(_muon_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + 240
+def run_two_workers(worker, tmp_path, timeout=240):
+    """worker(rank, 2, rendezvous file, tmp_path) in two spawned processes; fails the test if they hang."""
+    ctx = mp.start_processes(worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail("distributed Muon workers did not finish in 240 s")
+            pytest.fail(f"{worker.__name__} did not finish in {timeout} s")
+
+
+def test_distributed_muon_matches_single_process(tmp_path):
+    run_two_workers(_muon_worker, tmp_path)
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # same arithmetic as the workers
@@ -770,14 +775,7 @@ def _export_worker(rank, world_size, init_file, out_dir):
 
 def test_distributed_export_equals_single_process(tmp_path):
     """Two ranks each quantize and compress their share; both end with the artifact one process makes alone."""
-    ctx = mp.start_processes(_export_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("distributed export workers did not finish in 240 s")
+    run_two_workers(_export_worker, tmp_path)
     torch.manual_seed(0)
     h = make_h(ZSTD_LEVEL=9)
     state = _randomize(train_gpt.build_model(h), std=0.05).state_dict()
