@@ -36,8 +36,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 try:  # FlashAttention 3 (Hopper); SDPA is the fallback everywhere else
     from flash_attn_interface import flash_attn_func as fa3_attention
+    from flash_attn_interface import flash_attn_varlen_func as fa3_varlen_attention
 except ImportError:
-    fa3_attention = None
+    fa3_attention = fa3_varlen_attention = None
 
 # ----------------------------------------------------------------------------------------------------
 # Hyperparameters: (env name, kind, default, lower bound, meaning). kind is int, float, bool, str,
@@ -90,6 +91,11 @@ HYPERPARAMETERS = [
     ("LOGIT_SOFTCAP", float, 30.0, 0.01, "logit softcap c: z <- c*tanh(z/c)"),
     ("TIED_EMBED_INIT_STD", float, 0.005, 0, "tied embedding init std"),
     ("ORTHO_INIT", bool, True, None, "orthogonal init of linears with both dims >= 64 (off: PyTorch default)"),
+    ("DOC_ISOLATION", bool, True, None, "attention never crosses a BOS: each document sees only itself"),
+    ("LOOP_LAYERS", str, "auto", None, "depth recurrence: layers a-b run again with shared weights (auto: 3-5 of 11, scaled; off)"),
+    ("LOOP_REPEATS", int, 2, 1, "extra passes over LOOP_LAYERS"),
+    ("LOOP_START_FRAC", float, 0.35, 0, "fraction of the training clock (or steps) after which the loop is on"),
+    ("PARALLEL_START", str, "auto", None, "first layer with two-lane residuals (auto: the last 3, after any loop; off)"),
     ("FA3", bool, True, None, "use flash_attn_interface (FA3) when it imports on CUDA"),
     # optimizer
     ("MATRIX_LR", float, 0.026, 0, "Muon LR for block matrices"),
@@ -184,6 +190,38 @@ def parse_layer_list(name, text, num_layers):
     return layers
 
 
+def parse_loop(text, num_layers):
+    """(first, last) looped layer or None. auto: the records' 3-5 of 11, scaled to the depth."""
+    text = text.strip().lower()
+    if text == "off":
+        return None
+    if text == "auto":
+        return round(3 * num_layers / 11), max(round(3 * num_layers / 11), round(5 * num_layers / 11))
+    try:
+        a, b = (int(x) for x in text.split("-"))
+    except ValueError:
+        raise ConfigError(f"LOOP_LAYERS must be auto, off or a-b (e.g. 3-5); got {text!r}") from None
+    if not 0 <= a <= b < num_layers:
+        raise ConfigError(f"LOOP_LAYERS must satisfy 0 <= a <= b < NUM_LAYERS ({num_layers}); got {text!r}")
+    return a, b
+
+
+def parse_lanes(text, num_layers, loop):
+    """First layer with two lanes, or None. Lanes live in the decoder half, after any looped layer (so they are
+    the tail of the virtual order); auto: the last three layers that qualify."""
+    text, L = text.strip().lower(), num_layers
+    first_allowed = max(L // 2, loop[1] + 1 if loop else 0)
+    if text == "off":
+        return None
+    if text == "auto":
+        return max(first_allowed, L - 3) if max(first_allowed, L - 3) < L else None
+    start = parse_layer_list("PARALLEL_START", text, L)[0]
+    if start < first_allowed:
+        raise ConfigError(f"PARALLEL_START must be a decoder layer after any looped layer ({first_allowed}..{L - 1}), "
+                          f"auto or off; got {text!r}")
+    return start
+
+
 class Hyperparameters:
     """All settings, read from the environment (or a given mapping) and validated at construction."""
 
@@ -196,8 +234,11 @@ class Hyperparameters:
         self.run_id = self.run_id or uuid.uuid4().hex[:12]
         self.eval_seq_len = self.eval_seq_len or self.train_seq_len
         self.validate()
-        self.xsa_last_n = self.num_layers if self.xsa_last_n < 0 else self.xsa_last_n
-        self.ve_layers = parse_layer_list("VE_LAYERS", self.ve_layers, self.num_layers) if self.ve_dim else []
+        L = self.num_layers
+        self.xsa_last_n = L if self.xsa_last_n < 0 else self.xsa_last_n
+        self.ve_layers = parse_layer_list("VE_LAYERS", self.ve_layers, L) if self.ve_dim else []
+        self.loop = parse_loop(self.loop_layers, L)
+        self.lanes_from = parse_lanes(self.parallel_start, L, self.loop)
 
     def validate(self):
         def need(ok, message):
@@ -211,7 +252,7 @@ class Hyperparameters:
         need(self.xsa_last_n <= self.num_layers, f"XSA_LAST_N must be <= NUM_LAYERS ({self.num_layers}); got {self.xsa_last_n}")
         need(not (self.smear_gate or self.attn_gate) or self.model_dim >= 12, "SMEAR_GATE and ATTN_GATE need MODEL_DIM >= 12")
         need(self.bigram_buckets != 1, "BIGRAM_BUCKETS must be 0 (off) or >= 2")
-        for name in ("WARMDOWN_FRAC", "MIN_LR", "SWA_START_LR_SCALE", "QAT_START_LR_SCALE"):
+        for name in ("WARMDOWN_FRAC", "MIN_LR", "SWA_START_LR_SCALE", "QAT_START_LR_SCALE", "LOOP_START_FRAC"):
             need(getattr(self, name.lower()) <= 1, f"{name} must be in [0, 1]; got {getattr(self, name.lower())}")
         for name in ("EMA_DECAY", "BETA1", "BETA2"):
             need(getattr(self, name.lower()) < 1, f"{name} must be in [0, 1); got {getattr(self, name.lower())}")
@@ -391,7 +432,7 @@ def target_bytes(luts, prev_ids, target_ids):
 # Model.
 
 CONTROL_NAMES = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "skip_gates", "smear_", "attn_gate",
-                 "ve_lambda", ".scale")
+                 "ve_lambda", ".scale", "lane_")
 
 
 def is_control(name):
@@ -457,13 +498,39 @@ def exclusive_self_attention(y, v):
     return (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
 
 
-def causal_attention(q, k, v, use_fa3):
-    """Causal GQA attention on (B, T, H, D): FA3 where it imports and traces, else SDPA (flash backend on CUDA)."""
+def document_bounds(ids, use_fa3):
+    """What attention needs to stay inside documents (one starts at every BOS and every row start). FA3: varlen
+    sequence starts as a fixed-size int32 array (every row start plus room for a document per 64 tokens, padded
+    with the total length, so the compiled graph is static; rows never merge, but in a row of even shorter
+    documents the ones past that room attend to their row's earlier ones). SDPA: a boolean (B, 1, T, T) mask,
+    same document and causal."""
+    B, T = ids.shape
+    starts = ids == BOS_ID
+    starts[:, 0] = True
+    if use_fa3:
+        n, pos = B * T, torch.arange(B * T, device=ids.device)
+        key = torch.where(pos % T == 0, pos - n, torch.where(starts.flatten(), pos, n))  # row starts sort first
+        kept = torch.sort(key).values[:B * (1 + T // 64)]
+        kept = torch.sort(torch.where(kept < 0, kept + n, kept)).values
+        return F.pad(kept, (0, 1), value=n).to(torch.int32)
+    doc = starts.cumsum(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+def causal_attention(q, k, v, use_fa3, docs=None):
+    """Causal GQA attention on (B, T, H, D), inside documents when `docs` (document_bounds) is given: FA3 (varlen)
+    where it imports and traces, else SDPA (flash backend on CUDA, or a masked kernel for documents)."""
+    B, T = q.shape[:2]
+    if use_fa3 and docs is not None:
+        y = fa3_varlen_attention(q.reshape(B * T, *q.shape[2:]), k.reshape(B * T, *k.shape[2:]), v.reshape(B * T, *v.shape[2:]),
+                                 docs, docs, T, T, causal=True)
+        return (y[0] if isinstance(y, tuple) else y).view(q.shape)
     if use_fa3:
         y = fa3_attention(q, k, v, causal=True)
         return y[0] if isinstance(y, tuple) else y
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                          enable_gqa=k.size(2) != q.size(2)).transpose(1, 2)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=docs,
+                                          is_causal=docs is None, enable_gqa=k.size(2) != q.size(2)).transpose(1, 2)
 
 
 def activation_dtype(device_type):
@@ -489,7 +556,7 @@ class CausalSelfAttention(nn.Module):
         self.ve_lambda = nn.Parameter(torch.ones(())) if h.ve_dim and layer in h.ve_layers else None
         self.use_fa3 = h.fa3 and fa3_attention is not None
 
-    def forward(self, x, ve=None):
+    def forward(self, x, ve=None, docs=None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -503,7 +570,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, freqs.cos(), freqs.sin()), apply_rope(k, freqs.cos(), freqs.sin())
         q = (q * self.q_gain[:, None]).to(v.dtype)
         k = k.to(v.dtype)
-        y = causal_attention(q, k, v, self.use_fa3 and q.is_cuda)
+        y = causal_attention(q, k, v, self.use_fa3 and q.is_cuda, docs)
         if self.xsa:
             y = exclusive_self_attention(y, v)
         if self.attn_gate is not None:
@@ -532,16 +599,26 @@ class Block(nn.Module):
         self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(d)), nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
         self.ln_scale = 1.0 / math.sqrt(layer + 1) if h.ln_scale else None  # LN-scale damps deep layers' inputs
+        if h.lanes_from is not None and layer >= h.lanes_from:  # two-lane residuals: lane_post[source][lane]
+            self.lane_resid, self.lane_post = nn.Parameter(torch.full((2,), 1.1)), nn.Parameter(torch.ones(2, 2))
 
     def norm(self, x):
         x = rms_norm(x)
         return x if self.ln_scale is None else x * self.ln_scale
 
-    def forward(self, x, x0, ve=None):
+    def forward(self, x, x0, ve=None, docs=None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x), ve)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x), ve, docs)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x))
+
+    def forward_lanes(self, a, m, x0, ve=None, docs=None):
+        """Parallel residuals: attention reads lane A (mixed with x0), the MLP reads lane M, both write to both."""
+        mix = self.resid_mix.to(a.dtype)
+        attn = self.attn_scale.to(a.dtype) * self.attn(self.norm(mix[0] * a + mix[1] * x0), ve, docs)
+        mlp = self.mlp_scale.to(a.dtype) * self.mlp(self.norm(m))
+        r, p = self.lane_resid.to(a.dtype), self.lane_post.to(a.dtype)
+        return r[0] * a + p[0, 0] * attn + p[1, 0] * mlp, r[1] * m + p[0, 1] * attn + p[1, 1] * mlp
 
 
 class SmearGate(nn.Module):
@@ -606,8 +683,14 @@ class GPT(nn.Module):
         kv_dim = h.num_kv_heads * (d // h.num_heads)
         self.ve = ValueEmbedding(h.vocab_size, h.ve_dim, kv_dim) if h.ve_dim else None
         self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
-        self.num_encoder = h.num_layers // 2
-        num_skips = min(self.num_encoder, h.num_layers - self.num_encoder)
+        self.doc_isolation, self.lanes_from = h.doc_isolation, h.lanes_from
+        self.use_fa3 = h.fa3 and fa3_attention is not None
+        # depth recurrence: the virtual layer order runs LOOP_LAYERS again (shared weights); `looping` switches it
+        self.plain = list(range(h.num_layers))
+        a, b = h.loop or (0, -1)
+        self.looped = self.plain[:a] + self.plain[a:b + 1] * (h.loop_repeats + 1) + self.plain[b + 1:] if h.loop else self.plain
+        self.looping = bool(h.loop)
+        num_skips = max(len(seq) // 2 for seq in (self.plain, self.looped))  # U-Net skips over the virtual order
         self.skip_weights = nn.Parameter(torch.ones(num_skips, d))
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, d)) if h.skip_gates else None
         self.final_norm = RMSNorm()
@@ -626,15 +709,25 @@ class GPT(nn.Module):
             x = self.smear(x, input_ids)
         x = x0 = rms_norm(x)
         ve = self.ve(input_ids) if self.ve is not None else None
-        skips = []
-        for i, block in enumerate(self.blocks):
-            j = i - self.num_encoder
-            if 0 <= j < len(self.skip_weights):  # U-Net: decoder block j reads encoder block (enc-1-j)
+        docs = document_bounds(input_ids, self.use_fa3 and input_ids.is_cuda) if self.doc_isolation else None
+        order = self.looped if self.looping else self.plain
+        encoder, skips, lanes = len(order) // 2, [], None
+        for pos, i in enumerate(order):
+            block, j = self.blocks[i], pos - encoder
+            if 0 <= j < encoder:  # U-Net: decoder position j reads encoder position (encoder-1-j), into lane A
                 skip = self.skip_weights[j].to(x.dtype) * skips.pop()
-                x = x + skip if self.skip_gates is None else torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
-            x = block(x, x0, ve)
-            if i < self.num_encoder:
+                gate = None if self.skip_gates is None else torch.sigmoid(self.skip_gates[j]).to(x.dtype)
+                target = x if lanes is None else lanes[0]
+                target = target + skip if gate is None else torch.lerp(skip, target, gate)
+                x, lanes = (target, None) if lanes is None else (x, (target, lanes[1]))
+            if j >= 0 and self.lanes_from is not None and i >= self.lanes_from:
+                lanes = block.forward_lanes(*(lanes or (x, x)), x0, ve, docs)
+            else:
+                x = block(x, x0, ve, docs)
+            if pos < encoder:
                 skips.append(x)
+        if lanes is not None:
+            x = 0.5 * (lanes[0] + lanes[1])
         logits = F.linear(self.final_norm(x), self.tok_emb.weight)
         return self.logit_softcap * torch.tanh(logits.float() / self.logit_softcap)
 
@@ -747,11 +840,14 @@ def build_optimizers(model, h, rank=0, world_size=1):
     return [adam, muon]
 
 
+def training_fraction(h, step, elapsed_ms, cap_ms):
+    """How far the run is: by steps or by wall clock, whichever is further along."""
+    return max(step / h.iterations, elapsed_ms / cap_ms if cap_ms > 0 else 0.0)
+
+
 def lr_multiplier(h, step, elapsed_ms, cap_ms):
     """1 until the last WARMDOWN_FRAC of the run (by wall clock or steps, whichever ends first), then linear to MIN_LR."""
-    frac = step / h.iterations
-    if cap_ms > 0:
-        frac = max(frac, elapsed_ms / cap_ms)
+    frac = training_fraction(h, step, elapsed_ms, cap_ms)
     if h.warmdown_frac <= 0 or frac < 1 - h.warmdown_frac:
         return 1.0
     return max((1 - frac) / h.warmdown_frac, h.min_lr)
@@ -763,8 +859,9 @@ def muon_momentum(h, step):
 
 
 class WeightAverager:
-    """EMA (e <- d*e + (1-d)*w every step) or SWA (uniform mean of snapshots every SWA_EVERY steps once the LR
-    multiplier < SWA_START_LR_SCALE); `apply_to` loads the average, which is what gets exported."""
+    """EMA (e <- d*e + (1-d)*w every step, d = min(EMA_DECAY, (1+t)/(10+t)): a decay that warms up from 0, so a
+    short run's average is not mostly the initial weights) or SWA (uniform mean of snapshots every SWA_EVERY
+    steps once the LR multiplier < SWA_START_LR_SCALE); `apply_to` loads the average, which is what is exported."""
 
     def __init__(self, model, h):
         self.mode, self.h = h.averaging, h
@@ -777,7 +874,7 @@ class WeightAverager:
     def update(self, step, lr_scale):
         current = [p.detach().float() for p in self.params]
         if self.mode == "ema":
-            torch._foreach_lerp_(self.avg, current, 1 - self.h.ema_decay)
+            torch._foreach_lerp_(self.avg, current, 1 - min(self.h.ema_decay, (1 + step) / (10 + step)))
         elif self.mode == "swa" and lr_scale < self.h.swa_start_lr_scale and step % self.h.swa_every == 0:
             torch._foreach_add_(self.avg, current)
             self.count += 1
@@ -1367,20 +1464,25 @@ def configure_attention(run):
     if not run.is_cuda:
         h.fa3 = False
         return "sdpa (CPU)"
-    for backend, on in (("flash", True), ("mem_efficient", False), ("math", False), ("cudnn", False)):
+    # without FA3, document masks need SDPA's memory-efficient kernel (the flash one takes no mask)
+    for backend, on in (("flash", True), ("mem_efficient", h.doc_isolation), ("math", False), ("cudnn", False)):
         getattr(torch.backends.cuda, f"enable_{backend}_sdp")(on)
+    sdpa = "sdpa " + ("masked (memory-efficient) backend for documents" if h.doc_isolation else "flash backend")
     if not h.fa3 or fa3_attention is None:
         h.fa3 = False
-        return "sdpa flash backend (" + ("FA3=0" if fa3_attention else "flash_attn_interface is not installed") + ")"
+        return f"{sdpa} (" + ("FA3=0" if fa3_attention else "flash_attn_interface is not installed") + ")"
     try:
-        q = torch.randn(2, 128, 4, 64, device=run.device, dtype=torch.bfloat16, requires_grad=True)
-        kv = torch.randn(2, 128, 2, 64, device=run.device, dtype=torch.bfloat16, requires_grad=True)
-        traced = torch.compile(lambda q, k, v: causal_attention(q, k, v, True), fullgraph=True, dynamic=False)
-        traced(q, kv, kv).float().square().sum().backward()
-        return "fa3 (flash_attn_interface, traced under torch.compile fullgraph)"
+        ids = torch.randint(2, 100, (2, 256), device=run.device)
+        ids[:, 100] = BOS_ID
+        q = torch.randn(2, 256, 4, 64, device=run.device, dtype=torch.bfloat16, requires_grad=True)
+        kv = torch.randn(2, 256, 2, 64, device=run.device, dtype=torch.bfloat16, requires_grad=True)
+        docs = (lambda i: document_bounds(i, True)) if h.doc_isolation else (lambda i: None)
+        traced = torch.compile(lambda i, q, k, v: causal_attention(q, k, v, True, docs(i)), fullgraph=True, dynamic=False)
+        traced(ids, q, kv, kv).float().square().sum().backward()
+        return f"fa3 (flash_attn_interface{', varlen at document starts' if h.doc_isolation else ''}, traced under torch.compile fullgraph)"
     except Exception as error:  # noqa: BLE001  any failure means: do not use it
         h.fa3 = False
-        return f"sdpa flash backend (FA3 failed to trace: {type(error).__name__}: {str(error)[:200]})"
+        return f"{sdpa} (FA3 failed to trace: {type(error).__name__}: {str(error)[:200]})"
 
 
 class Run:
@@ -1493,18 +1595,22 @@ def train(run, data):
             opt.zero_grad(set_to_none=True)
         return total / accum
 
+    delayed_loop = bool(h.loop) and h.loop_start_frac > 0
     if h.warmup_steps:  # compile and autotune on real steps, then restore weights, optimizer state and data
         run.phase = "compile warm-up"
-        log(f"warmup: {h.warmup_steps} steps{' (compiling: the first takes longest)' if run.compile else ''}; rolled back afterwards")
+        log(f"warmup: {h.warmup_steps} steps{' (compiling: the first takes longest)' if run.compile else ''}"
+            f"{', the second half with the loop on (both graphs)' if delayed_loop else ''}; rolled back afterwards")
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
         warmup_loader = DistributedTokenLoader(data.train_files, run.rank, run.world_size, device, local_tokens, h.train_seq_len)
         for i in range(h.warmup_steps):
+            model.looping = bool(h.loop) and (not delayed_loop or i >= h.warmup_steps // 2)
             train_step(0, warmup_loader, 1.0)
             log(f"warmup_step:{i + 1}/{h.warmup_steps}")
         model.load_state_dict(weights)
         for opt, state in zip(optimizers, states):
             opt.load_state_dict(state)
+    model.looping = bool(h.loop) and not delayed_loop
 
     loader = DistributedTokenLoader(data.train_files, run.rank, run.world_size, device, local_tokens, h.train_seq_len)
     averager = WeightAverager(model, h)
@@ -1530,7 +1636,11 @@ def train(run, data):
             break
         run.phase = f"training (step {step + 1}/{h.iterations})"
         check_interrupt()
-        scale = lr_multiplier(h, step, train_ms + 1000 * (time.perf_counter() - t0), cap_ms)
+        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        scale = lr_multiplier(h, step, elapsed_ms, cap_ms)
+        if delayed_loop and not model.looping and training_fraction(h, step, elapsed_ms, cap_ms) >= h.loop_start_frac:
+            model.looping = True  # the warm-up compiled this graph too: no training time is lost here
+            log(f"loop:on step:{step} layers {h.loop[0]}-{h.loop[1]} x{h.loop_repeats + 1} ({len(model.looped)} virtual layers)")
         if h.qat == "late" and not qat_live and scale < h.qat_start_lr_scale:
             model.set_qat(1.0)
             qat_live = True

@@ -16,7 +16,8 @@ L_TINY = int(TINY["NUM_LAYERS"])  # 4
 
 # The OpenAI parameter-golf baseline architecture expressed in this script's switches.
 BASELINE = dict(LN_SCALE=0, SKIP_GATES=0, XSA_LAST_N=0, SMEAR_GATE=0, BIGRAM_BUCKETS=0, ATTN_GATE=0, VE_DIM=0,
-                ROPE_DIMS=HEAD_DIM, MLP_ACT="relu2", ORTHO_INIT=0, QK_GAIN_INIT=1.5)
+                ROPE_DIMS=HEAD_DIM, MLP_ACT="relu2", ORTHO_INIT=0, QK_GAIN_INIT=1.5, DOC_ISOLATION=0, LOOP_LAYERS="off",
+                PARALLEL_START="off")
 
 # Each switch turned on alone on top of the baseline: (id, overrides).
 SWITCHES = [
@@ -29,6 +30,9 @@ SWITCHES = [
     ("value_embed", dict(VE_DIM=16, VE_LAYERS="2,3")),
     ("partial_rope", dict(ROPE_DIMS=8)),
     ("leaky_relu2", dict(MLP_ACT="leaky_relu2")),
+    ("doc_isolation", dict(DOC_ISOLATION=1)),
+    ("loop", dict(LOOP_LAYERS="1-2", LOOP_REPEATS=2)),
+    ("lanes", dict(PARALLEL_START=2)),
 ]
 
 
@@ -120,8 +124,8 @@ def test_causality(overrides):
 
 
 def _leaky_sdpa(original):
-    def sdpa(*args, **kwargs):
-        kwargs["is_causal"] = False
+    def sdpa(*args, **kwargs):  # full attention: no causal flag, no document mask
+        kwargs["is_causal"], kwargs["attn_mask"] = False, None
         return original(*args, **kwargs)
     return sdpa
 
@@ -247,6 +251,71 @@ def test_full_model_embedding_stage_isolated_at_bos():
         changed[0, 2] = (changed[0, 2] + 101) % h.vocab_size
         assert not torch.equal(_embedding_stage(model, changed)[0, 3], emb[0, 3])
         assert not torch.equal(_captured_x0(model, changed)[0, 3], x0[0, 3])
+
+
+def document_spans(ids):
+    """[(row, start, end)] of every document in a packed batch (a document starts at each BOS and each row start)."""
+    spans = []
+    for r in range(ids.size(0)):
+        starts = sorted({0} | {int(t) for t in torch.nonzero(ids[r] == BOS).flatten()})
+        spans += [(r, a, b) for a, b in zip(starts, starts[1:] + [ids.size(1)])]
+    return spans
+
+
+def cross_document_leaks(model, ids, vocab):
+    """[(span, max |diff|)] where changing a (non-BOS) token inside one document moved a logit outside it."""
+    leaks = []
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        base = model.forward_logits(ids)
+        for r, a, b in document_spans(ids):
+            for t in {a + 1, (a + b) // 2, b - 1} - {a} if b - a > 1 else set():
+                changed = ids.clone()
+                changed[r, t] = 2 + (int(ids[r, t]) - 2 + int(torch.randint(1, vocab - 3, (1,), generator=g))) % (vocab - 2)
+                out = model.forward_logits(changed)
+                outside = torch.ones(ids.shape, dtype=torch.bool)
+                outside[r, a:b] = False
+                diff = (out - base).abs().amax(-1)[outside].max().item()
+                if diff > 1e-6:
+                    leaks.append(((r, a, b, t), diff))
+                assert (out[r, t:b] - base[r, t:b]).abs().max() > 0, "the change had no effect inside its own document"
+    return leaks
+
+
+@pytest.mark.parametrize("overrides", CAUSAL_CONFIGS)
+def test_document_isolation(overrides):
+    """With parameters randomised, changing any token of one document changes no logit of any other document in the
+    same window, under every switch."""
+    h = make_h(**{**overrides, "DOC_ISOLATION": 1})
+    model = build(h)
+    assert not cross_document_leaks(model, sample_ids(h.vocab_size), h.vocab_size)
+
+
+def test_document_isolation_check_detects_leaks():
+    """Negative control: without DOC_ISOLATION later documents attend to earlier ones."""
+    model = build(make_h(DOC_ISOLATION=0))
+    assert cross_document_leaks(model, sample_ids(1024), 1024)
+
+
+def test_document_bounds_match_the_mask():
+    """FA3's varlen starts (fixed size, padded) and SDPA's mask describe the same documents; past the varlen room
+    (a document per 64 tokens on average) only a row's last documents merge, never two rows."""
+    ids = sample_ids(1024, B=3, T=256)
+    n, room = ids.numel(), 3 * (1 + 256 // 64)
+    real = [r * 256 + a for r, a, _ in document_spans(ids)]
+    cu = train_gpt.document_bounds(ids, use_fa3=True)
+    assert cu.dtype == torch.int32 and cu.numel() == room + 1
+    assert cu.tolist() == real + [n] * (room + 1 - len(real))
+    crowded = ids.clone()
+    crowded[0, 100:160:4] = BOS  # 15 more documents in row 0: past the room
+    kept = [v for v in train_gpt.document_bounds(crowded, use_fa3=True).tolist() if v < n]
+    assert {0, 256, 512} <= set(kept) and kept == sorted(kept) and len(kept) == room
+    assert set(kept) <= {r * 256 + a for r, a, _ in document_spans(crowded)}
+    mask = train_gpt.document_bounds(ids, use_fa3=False)[:, 0]
+    for r, a, b in document_spans(ids):
+        seg = mask[r, a:b]
+        assert torch.equal(seg[:, a:b], torch.ones(b - a, b - a, dtype=torch.bool).tril())
+        assert not seg[:, :a].any() and not seg[:, b:].any()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -380,7 +449,12 @@ def ref_full_logits(sd, ids, h):
         if rd:
             q, k = rope(q), rope(k)
         q = q * sd[p + "q_gain"][None, :, None, None]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H)  # (B, H, T, hd)
+        mask = torch.ones(T, T, dtype=torch.bool).tril()
+        if h.doc_isolation:  # a token sees only earlier tokens of its own document (one starts at each BOS and row start)
+            doc = torch.cumsum((ids == BOS) | (torch.arange(T) == 0), 1)
+            mask = mask & (doc[:, :, None] == doc[:, None, :])
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None] if mask.dim() == 3 else mask,
+                                           enable_gqa=Hkv != H)  # (B, H, T, hd)
         if l >= L - h.xsa_last_n:  # y_h -= (y_h . v_hat) v_hat with the head's own KV head's value at t
             vh = F.normalize(v.repeat_interleave(H // Hkv, dim=1), dim=-1)
             y = y - (y * vh).sum(-1, keepdim=True) * vh
@@ -394,24 +468,37 @@ def ref_full_logits(sd, ids, h):
         u = torch.where(u > 0, u, 0.5 * u) if h.mlp_act == "leaky_relu2" else torch.clamp_min(u, 0)
         return u.square() @ sd[f"blocks.{l}.mlp.proj.weight"].T
 
-    enc = L // 2
-    S = min(enc, L - enc)
-    skips = []
-    for l in range(L):
-        j = l - enc
-        if 0 <= j < S:
-            skip = sd["skip_weights"][j] * skips.pop()
-            if h.skip_gates:  # lerp(w*s, x, sigmoid(g))
-                x = skip + torch.sigmoid(sd["skip_gates"][j]) * (x - skip)
-            else:
-                x = x + skip
+    order = list(range(L))  # depth recurrence: [0..a-1] + [a..b] x (repeats+1) + [b+1..L-1], shared weights
+    if h.loop:
+        a, b = h.loop
+        order = order[:a] + order[a:b + 1] * (h.loop_repeats + 1) + order[b + 1:]
+    enc = len(order) // 2
+    skips, lane_a, lane_m = [], None, None
+    for pos, l in enumerate(order):
+        j = pos - enc
         s = 1 / math.sqrt(l + 1) if h.ln_scale else 1.0
         mix = sd[f"blocks.{l}.resid_mix"]
+        if 0 <= j < enc:  # skips go to x, or to lane A once the lanes have started
+            skip = sd["skip_weights"][j] * skips.pop()
+            target = x if lane_a is None else lane_a
+            target = skip + torch.sigmoid(sd["skip_gates"][j]) * (target - skip) if h.skip_gates else target + skip
+            x, lane_a = (target, None) if lane_a is None else (x, target)
+        if j >= 0 and h.lanes_from is not None and l >= h.lanes_from:
+            if lane_a is None:
+                lane_a = lane_m = x
+            attn_out = sd[f"blocks.{l}.attn_scale"] * attention(l, ref_rms_norm(mix[0] * lane_a + mix[1] * x0) * s)
+            mlp_out = sd[f"blocks.{l}.mlp_scale"] * mlp(l, ref_rms_norm(lane_m) * s)
+            r, p = sd[f"blocks.{l}.lane_resid"], sd[f"blocks.{l}.lane_post"]  # p[source][lane]
+            lane_a, lane_m = (r[0] * lane_a + p[0, 0] * attn_out + p[1, 0] * mlp_out,
+                              r[1] * lane_m + p[0, 1] * attn_out + p[1, 1] * mlp_out)
+            continue
         x = mix[0] * x + mix[1] * x0
         x = x + sd[f"blocks.{l}.attn_scale"] * attention(l, ref_rms_norm(x) * s)
         x = x + sd[f"blocks.{l}.mlp_scale"] * mlp(l, ref_rms_norm(x) * s)
-        if l < enc:
+        if pos < enc:
             skips.append(x)
+    if lane_a is not None:
+        x = (lane_a + lane_m) / 2
     logits = ref_rms_norm(x) @ sd["tok_emb.weight"].T
     return h.logit_softcap * torch.tanh(logits / h.logit_softcap)
 
@@ -441,6 +528,9 @@ SWITCH_EXTRAS = {
     "value_embed": ({"ve.table.weight", "ve.proj.weight", "ve.scale", "blocks.2.attn.ve_lambda", "blocks.3.attn.ve_lambda"}, True),
     "partial_rope": (set(), False),
     "leaky_relu2": (set(), False),
+    "doc_isolation": (set(), False),
+    "loop": (set(), False),  # no new tensor: the skips over the longer virtual order widen skip_weights instead
+    "lanes": ({f"blocks.{i}.{k}" for i in (2, 3) for k in ("lane_resid", "lane_post")}, False),
 }
 MORE_SWITCHES = [("ortho_init", dict(ORTHO_INIT=1)), ("qk_gain_5", dict(QK_GAIN_INIT=5.0)), ("xsa_last_1", dict(XSA_LAST_N=1))]
 
@@ -454,6 +544,9 @@ def test_switch_adds_only_its_parameters_and_identity_inits(name, overrides):
     base_sd, sd = base_model.state_dict(), model.state_dict()
     assert set(sd) - set(base_sd) == extra, f"{name} adds {sorted(set(sd) - set(base_sd))}, expected {sorted(extra)}"
     assert set(base_sd) <= set(sd), f"{name} removes {sorted(set(base_sd) - set(sd))}"
+    if name == "loop":  # the longer virtual order has more U-Net skips: the baseline's are its first ones
+        assert sd["skip_weights"].shape[0] > base_sd["skip_weights"].shape[0]
+        base_sd = {**base_sd, "skip_weights": torch.cat((base_sd["skip_weights"], sd["skip_weights"][base_sd["skip_weights"].shape[0]:]))}
     for k in base_sd:
         assert sd[k].shape == base_sd[k].shape, k
     missing, unexpected = model.load_state_dict(base_sd, strict=False)
@@ -475,8 +568,10 @@ def formula_params(h):
     hd = d // H
     kv = Hkv * hd
     m = int(h.mlp_mult * d)
-    S = min(L // 2, L - L // 2)
+    virtual = L + (h.loop[1] - h.loop[0] + 1) * h.loop_repeats if h.loop else L
+    S = max(L // 2, virtual // 2)  # U-Net skips over the longer (virtual) layer order
     total = V * d
+    total += 6 * (L - h.lanes_from) if h.lanes_from is not None else 0  # lane_resid (2) + lane_post (2x2)
     total += L * (2 * d * d + 2 * d * kv + 2 * d * m + H + 4 * d)
     total += L * 12 * H * int(bool(h.attn_gate))
     total += S * d * (1 + int(bool(h.skip_gates)))
@@ -498,7 +593,7 @@ def test_param_count_shipped_default():
     h = train_gpt.Hyperparameters({})
     assert (h.num_layers, h.model_dim, h.mlp_mult, h.vocab_size) == (11, 512, 4.0, 1024)
     got, want = count_params(h), formula_params(h)
-    assert got == want == 32_645_254, f"default 11L/512/MLP4x stack: model {got:,} params, formula {want:,}"
+    assert got == want == 32_648_344, f"default 11L/512/MLP4x stack: model {got:,} params, formula {want:,}"
 
 
 def test_param_count_openai_baseline():
@@ -588,7 +683,11 @@ def test_embedding_and_control_init(std):
         assert (block.attn.ve_lambda is not None) == (i in (1, 3))
         if block.attn.ve_lambda is not None:
             assert block.attn.ve_lambda.item() == 1.0
-    assert torch.equal(model.skip_weights.detach(), torch.ones(2, 128))
+    assert torch.equal(model.skip_weights.detach(), torch.ones(len(model.looped) // 2, 128))  # skips over the virtual order
+    lanes = [b for b in model.blocks if hasattr(b, "lane_resid")]
+    assert len(lanes) == h.num_layers - h.lanes_from > 0
+    assert all(torch.equal(b.lane_resid.detach(), torch.full((2,), 1.1)) and torch.equal(b.lane_post.detach(), torch.ones(2, 2))
+               for b in lanes)
     assert torch.count_nonzero(model.skip_gates) == 0
     assert torch.count_nonzero(model.smear.smear_w) == 0 and model.smear.smear_lambda.item() == 0
     assert model.bigram.scale.item() == pytest.approx(0.05) and model.ve.scale.item() == pytest.approx(0.1)
@@ -721,6 +820,11 @@ def test_fa3_matches_sdpa():
         attn.use_fa3 = False
         b = attn(x)
     assert (a.float() - b.float()).abs().max() < 2e-2 * max(1.0, b.float().abs().max().item())
+    # documents: FA3's varlen kernel and SDPA's mask give the same attention
+    ids = sample_ids(1024, B=B, T=T).cuda()
+    y = train_gpt.causal_attention(q, k, v, True, train_gpt.document_bounds(ids, True))
+    ref = train_gpt.causal_attention(q, k, v, False, train_gpt.document_bounds(ids, False))
+    assert (y.float() - ref.float()).abs().max() < 2e-2
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ ROOT = Path(train_gpt.__file__).resolve().parent
 # Every control tensor the model can have (name fragments), which must go to the scalar AdamW group and pass
 # through the exporter unquantized.
 CONTROL_FRAGMENTS = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "skip_gates", "smear_w",
-                     "smear_lambda", "attn_gate", "ve_lambda", "bigram.scale", "ve.scale")
+                     "smear_lambda", "attn_gate", "ve_lambda", "bigram.scale", "ve.scale", "lane_resid", "lane_post")
 FULL = dict(VE_DIM=16, VE_LAYERS="2,3")  # the default tiny stack plus value embeddings: every parameter kind
 
 
@@ -367,10 +367,13 @@ def test_ema_arithmetic_and_apply():
     for k in range(1, 6):
         _set(model, seq[k])
         avg.update(k, 1.0)
-    n = 5
-    for i in range(2):
-        expected = d ** n * seq[0][i] + sum((1 - d) * d ** (n - k) * seq[k][i] for k in range(1, n + 1))
+    for i in range(2):  # e_k = d_k e_{k-1} + (1 - d_k) w_k with the warming-up decay d_k = min(d, (1 + k) / (10 + k))
+        expected = seq[0][i]
+        for k in range(1, 6):
+            dk = min(d, (1 + k) / (10 + k))
+            expected = dk * expected + (1 - dk) * seq[k][i]
         assert torch.allclose(avg.avg[i].double(), expected, rtol=0, atol=1e-6)
+    assert min(d, 6 / 15) < d  # the warm-up was active in these steps
     live = [p.detach().clone() for p in model.parameters()]
     assert "EMA" in avg.apply_to(model)
     for p, a, w in zip(model.parameters(), avg.avg, live):
@@ -541,11 +544,12 @@ def test_gptq_beats_rtn_on_real_model_inputs():
                      for m in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")} | {"tok_emb.weight"}
     assert set(hessians) == expected_keys
     params = dict(model.named_parameters())
+    assert model.looping and model.looped.count(1) == 3  # layers 1-2 of this tiny model run three times
     for name in names:
-        xs = inputs[name]
-        assert len(xs) == len(batches)
-        H = hessians[name]
-        assert torch.allclose(H, sum(x.T @ x / x.size(0) for x in xs) / len(xs), atol=1e-5)
+        xs, passes = inputs[name], model.looped.count(int(name.split(".")[1]))
+        assert len(xs) == passes * len(batches)
+        H = hessians[name]  # every pass of a shared layer adds to its Hessian
+        assert torch.allclose(H, sum(x.T @ x / x.size(0) for x in xs) / len(batches), atol=1e-5)
         X, W = torch.cat(xs), params[name].detach()
         bits, k = train_gpt.export_plan(name, W, h)
         for b, kk in ((bits, k), (4, 4.0)):

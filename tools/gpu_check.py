@@ -89,12 +89,29 @@ def run_check(cpu, work, report):
     mfu = model_flops_per_token(h, n_params) * tokens / (ms / 1000) / H100_BF16_DENSE_FLOPS
     report(f"check: compiled training (fullgraph, bf16 autocast, grad accumulation {h.batch_layout(1)[0]}): ok "
            f"{len(times)} steps after {WARMUP_STEPS} warm-up steps; training phase {time.perf_counter() - t:.1f}s incl. compile")
+    loop_on = re.search(r"^loop:on step:(\d+)", log, re.M)
+    if h.loop:
+        report(f"check: depth-recurrence switch: {'ok' if loop_on else 'FAIL'} "
+               + (f"on at step {loop_on.group(1)}; step times before/after "
+                  f"{(times[int(loop_on.group(1))] - times[first]) / max(int(loop_on.group(1)) - first, 1):.1f}/"
+                  f"{(times[last] - times[int(loop_on.group(1))]) / max(last - int(loop_on.group(1)), 1):.1f} ms"
+                  if loop_on else "the loop never switched on"))
     report(f"check: step time: ok {ms:.1f} ms/step over steps {first}..{last} at {tokens} tokens/step = "
            f"{tokens / (ms / 1000):,.0f} tokens/s on 1 device" + ("" if cpu else f"; MFU ~{100 * mfu:.1f}% of 989 TFLOP/s"))
     if run.is_cuda:
         report(f"check: peak memory: ok {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated, "
                f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB reserved (of {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)")
 
+    if run.is_cuda and h.doc_isolation:  # the kernel that runs (FA3 varlen or SDPA mask) against the SDPA mask
+        ids = data.val_tokens[:4 * h.train_seq_len].view(4, -1).to(run.device)
+        with torch.no_grad(), run.autocast:
+            got = trained.model.forward_logits(ids).float()
+            use_fa3, trained.model.use_fa3 = trained.model.use_fa3, False
+            ref = trained.model.forward_logits(ids).float()
+            trained.model.use_fa3 = use_fa3
+        diff = (got - ref).abs().max().item()
+        report(f"check: document-isolated attention, {'FA3 varlen' if use_fa3 else 'SDPA mask'} vs SDPA mask: "
+               f"{'ok' if diff < 0.1 else 'FAIL'} max |logit diff| {diff:.4f} (bf16 kernels)")
     hessians = train_gpt.calibrate(run, trained)
     t = time.perf_counter()
     artifact = train_gpt.export(run, trained, hessians)
