@@ -1,5 +1,6 @@
-"""Parameter Golf: train an 11-layer GPT in 600 s on 8xH100, export it as int6+zstd under 16,000,000 bytes,
-and score it by exact val_bpb. Every knob is an environment variable (see HYPERPARAMETERS below / README).
+"""Parameter Golf: train an 11-layer GPT in 600 s on 8xH100, export it (int6 GPTQ, zstd/lzma) under 16,000,000
+bytes, and score it by exact val_bpb on sliding windows or with score-first test-time training. Every knob is an
+environment variable (see HYPERPARAMETERS below / README).
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py      # the real job
     python train_gpt.py                                        # one process (CPU or one GPU)
@@ -46,6 +47,7 @@ except ImportError:
 
 HYPERPARAMETERS = [
     # run and data
+    ("STACK", ("sp1024", "sp8192"), "sp1024", None, "preset of defaults (STACKS below); a variable set explicitly still wins"),
     ("DATA_PATH", str, "./data/datasets/fineweb10B_sp1024", None, "folder holding fineweb_train_*.bin and fineweb_val_*.bin"),
     ("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_1024_bpe.model", None, "SentencePiece model of the shards"),
     ("VOCAB_SIZE", int, 1024, 2, "model vocabulary; must equal the tokenizer's size"),
@@ -162,6 +164,13 @@ HYPERPARAMETERS = [
     ("TTT_SGD_MOMENTUM", float, 0.9, 0, "sgd and phases: momentum"),
     ("TTT_GRAD_CLIP", float, 1.0, 0, "sgd and phases: gradient-norm clip (0: off)"),
 ]
+# The recommended 8192-vocabulary stack (TECHNIQUES section 8): no BigramHash or value embeddings (their gains were
+# at 1024 pieces), an int7 GPTQ'd embedding (its Hessian from the final norm); the rest as the SP1024 stack.
+STACKS = {
+    "sp1024": {},
+    "sp8192": {"DATA_PATH": "./data/datasets/fineweb10B_sp8192", "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe.model",
+               "VOCAB_SIZE": "8192", "BIGRAM_BUCKETS": "0", "VE_DIM": "0", "EMBED_BITS": "7", "EMBED_CLIP_K": "15"},
+}
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
@@ -244,8 +253,9 @@ class Hyperparameters:
 
     def __init__(self, environ=None):
         environ = os.environ if environ is None else environ
+        stack = STACKS[parse_setting("STACK", HYPERPARAMETERS[0][1], environ.get("STACK", "sp1024"), None)]
         for name, kind, default, lower, _ in HYPERPARAMETERS:
-            raw = environ.get(name)
+            raw = environ.get(name, stack.get(name))
             value = default if raw is None else parse_setting(name, kind, raw, lower)
             setattr(self, name.lower(), None if value == "auto" and kind == "auto_bool" else value)
         self.run_id = self.run_id or uuid.uuid4().hex[:12]
@@ -277,12 +287,13 @@ class Hyperparameters:
             need(getattr(self, name.lower()) <= 8, f"{name} must be in 2..8; got {getattr(self, name.lower())}")
         need(self.embed_bits <= 8 or self.embed_bits == 16, f"EMBED_BITS must be in 2..8 or 16; got {self.embed_bits}")
         need(self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE ({self.eval_stride}) must be <= EVAL_SEQ_LEN ({self.eval_seq_len})")
-        need(self.ttt_sgd_chunk % self.eval_seq_len == 0, f"TTT_SGD_CHUNK ({self.ttt_sgd_chunk}) must be a multiple of EVAL_SEQ_LEN ({self.eval_seq_len})")
         try:
             phases = [int(x) for x in self.ttt_phases.split(",") if x.strip()]
         except ValueError:
             phases = [0]
         need(all(x > 0 for x in phases) and phases == sorted(set(phases)), f"TTT_PHASES must be increasing document counts; got {self.ttt_phases!r}")
+        need(not (self.ttt == "sgd" or phases) or self.ttt_sgd_chunk % self.eval_seq_len == 0,
+             f"TTT_SGD_CHUNK ({self.ttt_sgd_chunk}) must be a multiple of EVAL_SEQ_LEN ({self.eval_seq_len})")
         need(not self.eval_artifact or os.path.isfile(self.eval_artifact), f"EVAL_ARTIFACT {self.eval_artifact} is not a file")
         need(self.qat == "off" or self.export_clip == "sdclip", "QAT needs EXPORT_CLIP=sdclip: the STE grid is the SDClip grid")
         need(self.zstd_level <= 22, f"ZSTD_LEVEL must be in 1..22; got {self.zstd_level}")
@@ -310,9 +321,9 @@ class Hyperparameters:
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
 BOS_ID = 1
-DOWNLOAD_HINT = ("Download the official data with `python3 data/cached_challenge_fineweb.py --variant sp1024` in an "
-                 "openai/parameter-golf checkout and point DATA_PATH/TOKENIZER_PATH at it, or run the CPU smoke run "
-                 "with `bash tools/smoke_run.sh` (no download needed).")
+DOWNLOAD_HINT = ("Download the official data with `python3 data/cached_challenge_fineweb.py --variant sp1024` (sp8192: "
+                 "with MATCHED_FINEWEB_REPO_ID=kevclark/parameter-golf) in an openai/parameter-golf checkout and point "
+                 "DATA_PATH/TOKENIZER_PATH at it (see the README), or run the CPU smoke run with `bash tools/smoke_run.sh`.")
 
 
 class DataError(RuntimeError):
@@ -1680,7 +1691,8 @@ def describe_hardware(device, world_size):
 
 
 def run_header(h, device, world_size):
-    lines = ["=" * 100, Path(__file__).read_text(encoding="utf-8"), "=" * 100,
+    source = globals().get("PACKED_SOURCE") or Path(__file__).read_text(encoding="utf-8")  # tools/pack_code.py's copy
+    lines = ["=" * 100, source, "=" * 100,
              f"python {sys.version.split()[0]} torch {torch.__version__} numpy {np.__version__} "
              f"sentencepiece {spm.__version__} zstandard {zstandard.__version__} platform {platform.platform()}",
              f"hardware: {describe_hardware(device, world_size)}"]
@@ -1748,7 +1760,7 @@ class Run:
         if self.compile:  # several graphs (loop on/off, Muon's matrix shapes) must all stay cached
             torch._dynamo.config.cache_size_limit = 64
         self.output_dir = Path(h.output_dir)
-        self.code_bytes = len(Path(__file__).read_bytes())
+        self.code_bytes = len(Path(__file__).read_bytes())  # the file that runs: train_gpt.py, or its packed copy
         self.phase, self.t_start = "start-up", time.perf_counter()
 
     def sync(self):
@@ -1816,8 +1828,8 @@ def train(run, data):
     estimate = estimate_model_bytes(model.state_dict(), h) + run.code_bytes
     log(f"artifact_estimate: ~{estimate} bytes incl. code {run.code_bytes} (cap {h.artifact_cap_bytes})")
     if estimate > h.artifact_cap_bytes:
-        log(f"WARNING: the estimated artifact exceeds the cap by ~{estimate - h.artifact_cap_bytes} bytes; export will widen "
-            f"the clip grids to fit (costs accuracy). Lower the width/depth or raise *_CLIP_K.")
+        log(f"WARNING: the estimated artifact exceeds the cap by ~{estimate - h.artifact_cap_bytes} bytes; export will coarsen "
+            f"grids where it costs least to fit (costs accuracy). Lower the width/depth or raise *_CLIP_K.")
     log(f"world_size:{run.world_size} grad_accum_steps:{accum}")
     optimizers = build_optimizers(model, h, run.rank, run.world_size)
     train_model = model

@@ -918,3 +918,62 @@ def test_import_has_no_side_effects(subprocess_runs):
     assert info == {"dist_initialized": False, "threads_same": True, "torch_rng_same": True, "numpy_rng_same": True,
                     "cwd_entries": []}
     assert sorted(os.listdir(folder)) == ["cwd"] and os.listdir(folder / "cwd") == []
+
+
+def test_stack_presets_and_explicit_settings_win():
+    h = train_gpt.Hyperparameters({"STACK": "sp8192"})
+    assert (h.vocab_size, h.bigram_buckets, h.ve_dim, h.embed_bits, h.embed_clip_k) == (8192, 0, 0, 7, 15.0)
+    assert h.data_path.endswith("fineweb10B_sp8192") and h.tokenizer_path.endswith("fineweb_8192_bpe.model")
+    assert h.num_layers == 11 and h.loop == (3, 5) and h.doc_isolation  # the rest as the SP1024 stack
+    h = train_gpt.Hyperparameters({"STACK": "sp8192", "EMBED_BITS": "8", "BIGRAM_BUCKETS": "1024"})
+    assert (h.embed_bits, h.bigram_buckets, h.vocab_size) == (8, 1024, 8192)
+    assert train_gpt.Hyperparameters({}).vocab_size == 1024 and set(train_gpt.STACKS) == {"sp1024", "sp8192"}
+    for preset in train_gpt.STACKS.values():  # every preset names real settings, with values they accept
+        assert set(preset) <= {n for n, *_ in train_gpt.HYPERPARAMETERS}
+    with pytest.raises(ConfigError, match="STACK"):
+        train_gpt.Hyperparameters({"STACK": "sp4096"})
+
+
+def test_largest_vocabulary_reads_trains_and_exports(tmp_path):
+    """Shards hold uint16 ids, so 65,536 pieces is the ceiling: the top id survives the shard, the bigram hash, the
+    byte tables and the export."""
+    tokens = np.array([train_gpt.BOS_ID, 65535, 4, 65534, train_gpt.BOS_ID, 65535], dtype=np.int64)
+    smoke_data.write_shard(tmp_path / "fineweb_val_000000.bin", tokens)
+    assert train_gpt.read_shard(tmp_path / "fineweb_val_000000.bin").tolist() == tokens.tolist()
+    h = make_h(VOCAB_SIZE=65536, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, ROPE_DIMS=8, NUM_LAYERS=2, XSA_LAST_N=-1)
+    torch.manual_seed(0)
+    model = train_gpt.build_model(h)
+    ids = torch.from_numpy(tokens)[None]
+    assert model.bigram.bucket_ids(ids).max() < h.bigram_buckets and torch.isfinite(model(ids, ids)).all()
+    luts = train_gpt.build_byte_luts(_FakeSPVocab(300), 65536)  # ids past the tokenizer's pieces count 0 bytes
+    assert luts[0].numel() == 65536 and train_gpt.target_bytes(luts, ids[:, :-1], ids[:, 1:]).tolist() == [[0, 1, 0, 0, 0]]
+    blob, qstate, _ = train_gpt.export_artifact(model.state_dict(), make_h(VOCAB_SIZE=65536, BUDGET_FILL=0, MODEL_DIM=32,
+                                               NUM_HEADS=2, NUM_KV_HEADS=1, ROPE_DIMS=8, NUM_LAYERS=2, XSA_LAST_N=-1), 0, log=lambda m: None)
+    assert train_gpt.deserialize_quantized(blob)["tok_emb.weight"]["codes"].shape == (65536, 32)
+
+
+class _FakeSPVocab:
+    """A SentencePiece stand-in: ids 0-3 control, 4..259 bytes, the rest one-letter pieces, '▁' at id 260."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def vocab_size(self):
+        return self.size
+
+    def is_control(self, i):
+        return i < 4
+
+    is_unknown = is_unused = lambda self, i: False
+
+    def is_byte(self, i):
+        return 4 <= i < 260
+
+    def id_to_piece(self, i):
+        return "\u2581" if i == 260 else "a"
+
+    def piece_to_id(self, piece):
+        return 260
+
+    def unk_id(self):
+        return 3

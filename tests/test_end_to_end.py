@@ -96,8 +96,8 @@ def independent_scored_bytes(tokens, sp):
     return targets.size, total
 
 
-def check_final_lines_against_decoded_text(dataset, tmp_path):
-    env = tiny_run_env(dataset, ITERATIONS="8", EVAL_STRIDE="16", RUN_ID="bytes")
+def check_final_lines_against_decoded_text(dataset, tmp_path, **overrides):
+    env = tiny_run_env(dataset, ITERATIONS="8", EVAL_STRIDE="16", RUN_ID="bytes", **overrides)
     proc, log = run_train(env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     loss, bpb = final_exact(log, "final_int6_sliding_window")
@@ -201,3 +201,52 @@ def test_reused_run_id_starts_a_new_log_and_errors_reach_the_log(smoke_dataset, 
     failed = (tmp_path / "logs" / "same-2.txt").read_text()
     assert failed.strip().splitlines()[-1] == second.stderr.strip()
     assert failed.count("=" * 100 + "\n") == 2  # one code dump: one run per file
+
+
+# ----------------------------------------------------------------------------------------------------
+# The packed (self-extracting) copy of the script, and the SP8192 stack.
+
+def key_lines(console):
+    """The lines a packed run must print identically: everything but timings, log paths and code-byte counts."""
+    drop = ("log:", "Code size", "Total submission size", "artifact_estimate", "artifact:", "time:", "summary:", "export:",
+            "warmup", "submission: wrote", "artifact_fit")
+    lines = [re.sub(r"(train_time|step_avg|eval_time|train_ms|hessian_ms|total):[0-9.]+(ms)?", r"\1:_", line)
+             for line in console.splitlines()]
+    return [line for line in lines if not line.startswith(drop) and "bytes_total" not in line]
+
+
+def test_packed_copy_runs_identically_and_counts_its_own_bytes(smoke_dataset, tmp_path):
+    import pack_code
+
+    packed = tmp_path / "packed" / "train_gpt.py"
+    pack_code.main([str(ROOT / "train_gpt.py"), "-o", str(packed)])
+    env = tiny_run_env(smoke_dataset, ITERATIONS="4", RUN_ID="same")
+    plain, plain_log = run_train(env, tmp_path / "plain")
+    full = dict(os.environ, **{k: str(v) for k, v in env.items()}, LOG_DIR=str(tmp_path / "p" / "logs"),
+                OUTPUT_DIR=str(tmp_path / "p"), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, str(packed)], env=full, capture_output=True, text=True, timeout=600)
+    assert plain.returncode == 0 and run.returncode == 0, run.stderr[-3000:]
+    assert key_lines(run.stdout) == key_lines(plain.stdout) and len(key_lines(run.stdout)) > 20
+    assert f"Code size: {packed.stat().st_size} bytes" in run.stdout  # the bytes of the file that ran
+    sub = json.loads((tmp_path / "p" / "submission.json").read_text())
+    assert sub["bytes_code"] == packed.stat().st_size < (ROOT / "train_gpt.py").stat().st_size
+    log = (tmp_path / "p" / "logs" / "same.txt").read_text()
+    assert (ROOT / "train_gpt.py").read_text() in log  # the log holds the source that ran, not the wrapper
+
+
+DOCS8192_TINY = DOCS_TINY.parent / "docs_sp8192_tiny"
+DOCS8192_TOKENIZER = DOCS_TOKENIZER.parent / "docs_8192_bpe.model"
+
+
+@pytest.mark.skipif(not (DOCS8192_TINY.exists() and DOCS8192_TOKENIZER.exists()), reason="../shared/data/docs_sp8192_tiny is absent")
+def test_sp8192_stack_end_to_end(tmp_path):
+    env = tiny_run_env((DOCS8192_TINY, DOCS8192_TOKENIZER), STACK="sp8192", VOCAB_SIZE="8192", ITERATIONS="4",
+                       RUN_ID="sp8192", EVAL_STRIDE="32")
+    env.pop("BIGRAM_BUCKETS")  # the stack's own default (off)
+    proc, log = run_train(env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "STACK=sp8192" in log and "BIGRAM_BUCKETS=0" in log and "EMBED_BITS=7" in log
+    sub = json.loads((tmp_path / "submission.json").read_text())
+    assert math.isfinite(sub["val_bpb"]) and sub["val_targets"] == int(re.search(r"tokens:(\d+)", log).group(1))
+    check_final_lines_against_decoded_text((DOCS8192_TINY, DOCS8192_TOKENIZER), tmp_path / "bytes", STACK="sp8192",
+                                           VOCAB_SIZE="8192")
