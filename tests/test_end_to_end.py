@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -132,14 +133,19 @@ def start_train(env, out_dir):
 
 def interrupt_when(proc, marker, signum):
     """Send `signum` once a console line contains `marker`; return (console lines, stderr, exit code)."""
+    err = []
+    reader = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
+    reader.start()
     lines = []
     for line in proc.stdout:
         lines.append(line.rstrip("\n"))
         if marker in line:
             proc.send_signal(signum)
             break
-    rest, err = proc.communicate(timeout=300)
-    return lines + rest.splitlines(), err, proc.returncode
+    rest = proc.stdout.read()  # the same reader: communicate() would skip what it has buffered already
+    proc.wait(timeout=300)
+    reader.join()
+    return lines + rest.splitlines(), err[0], proc.returncode
 
 
 def plant_previous_outputs(out_dir):
@@ -170,6 +176,24 @@ def test_interrupt_ends_with_one_line_and_no_mismatched_outputs(smoke_dataset, t
     model = out / "final_model.int6.ptz"
     assert not model.exists() or model.read_bytes()[:4] == train_gpt.ARTIFACT_MAGIC
     assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_signal_while_logging_lets_the_line_finish_then_stops(tmp_path, capsys):
+    class SignalsWhilePrinted(str):
+        def __str__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            return str.__str__(self)
+
+    previous = signal.signal(signal.SIGINT, train_gpt.raise_interrupt)
+    try:
+        log = train_gpt.Logger(tmp_path / "log.txt")
+        with pytest.raises(train_gpt.RunInterrupted):
+            log(SignalsWhilePrinted("one whole line"))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        train_gpt.PENDING_SIGNALS.clear()
+    assert capsys.readouterr().out == "one whole line\n"
+    assert (tmp_path / "log.txt").read_text() == "one whole line\n"
 
 
 def test_write_atomic_leaves_nothing_half_written(tmp_path, monkeypatch):

@@ -707,6 +707,22 @@ def test_grid_ladder_steps_by_quarter_bits():
             assert 2 <= b <= 8 and (kk >= k - 1e-6 or b == 8)
 
 
+def test_error_weights_put_a_lookup_table_in_the_unit_of_a_linear_layer():
+    """The allocation's error of a table perturbation = the mean squared change it makes per token after the scaled
+    projection (rows read equally often); a linear layer's is its input Hessian's diagonal."""
+    torch.manual_seed(0)
+    rows, dim, width = 512, 32, 96
+    proj = torch.linalg.qr(torch.randn(width, dim))[0] * 0.7  # orthogonal columns: the gain is exact
+    state = {"bigram.table.weight": torch.randn(rows, dim), "bigram.proj.weight": proj, "bigram.scale": torch.tensor(0.05)}
+    delta = 0.01 * torch.randn(rows, dim)
+    per_token = (0.05 * delta @ proj.T).square().sum(1).mean()
+    weighted = (delta.square() * train_gpt.error_weights("bigram.table.weight", state, None)).sum()
+    assert float(weighted) == pytest.approx(float(per_token), rel=1e-4)
+    hessian = torch.diag(torch.arange(1.0, dim + 1))
+    assert torch.equal(train_gpt.error_weights("blocks.0.mlp.fc.weight", {"blocks.0.mlp.fc.weight": delta},
+                                               {"blocks.0.mlp.fc.weight": hessian}), torch.arange(1.0, dim + 1))
+
+
 def test_export_without_budget_fill_keeps_the_default_grids(export_state):
     blob, qstate, report, fits = _export(export_state, BUDGET_FILL=0)
     assert not fits and report["regridded"] == 0
