@@ -57,7 +57,7 @@ HYPERPARAMETERS = [
     ("OUTPUT_DIR", str, ".", None, "where final_model.int6.ptz and submission.json go"),
     ("AUTHOR", str, "", None, "submission.json author"),
     ("GITHUB_ID", str, "", None, "submission.json github_id"),
-    ("RUN_NAME", str, "11L int6 GPTQ sliding", None, "submission.json name"),
+    ("RUN_NAME", str, "11L int6 GPTQ LoRA-TTT", None, "submission.json name"),
     # training loop
     ("ITERATIONS", int, 20000, 1, "maximum optimizer steps"),
     ("MAX_WALLCLOCK_SECONDS", float, 600.0, 0, "training clock cap incl. GPTQ Hessians (0: no cap)"),
@@ -88,8 +88,8 @@ HYPERPARAMETERS = [
     ("BIGRAM_BUCKETS", int, 2816, 0, "BigramHash buckets (0: off)"),
     ("BIGRAM_DIM", int, 112, 1, "BigramHash table width"),
     ("ATTN_GATE", bool, True, None, "sparse attention-output gate sigmoid(0.5*W x[:12]) per head"),
-    ("VE_DIM", int, 0, 0, "value-embedding width (0: off)"),
-    ("VE_LAYERS", str, "-2,-1", None, "comma list of layers that add value embeddings (negative: from the last)"),
+    ("VE_DIM", int, 128, 0, "value-embedding width (0: off)"),
+    ("VE_LAYERS", str, "auto", None, "comma list of layers that add value embeddings (negative: from the last; auto: the last two)"),
     ("LOGIT_SOFTCAP", float, 30.0, 0.01, "logit softcap c: z <- c*tanh(z/c)"),
     ("TIED_EMBED_INIT_STD", float, 0.005, 0, "tied embedding init std"),
     ("ORTHO_INIT", bool, True, None, "orthogonal init of linears with both dims >= 64 (off: PyTorch default)"),
@@ -149,7 +149,7 @@ HYPERPARAMETERS = [
     ("EVAL_ARTIFACT", str, "", None, "skip training and export; evaluate this artifact with the current settings"),
     ("DUMP_NLL", str, "", None, "write every target's nll, bytes and scoring batch of the final evaluation to this .npz"),
     # score-first test-time training
-    ("TTT", ("off", "lora", "sgd"), "off", None, "test-time training during the final evaluation (score first, then adapt)"),
+    ("TTT", ("off", "lora", "sgd"), "lora", None, "test-time training during the final evaluation (score first, then adapt)"),
     ("TTT_BUDGET_SECONDS", float, 540.0, 1, "adaptation stops when the eval clock would pass this; the rest is scored without updates"),
     ("TTT_CHUNK", int, 48, 1, "lora: targets of a document scored (then trained on) per step"),
     ("TTT_BATCH_DOCS", int, 64, 1, "lora: documents adapted side by side"),
@@ -263,7 +263,8 @@ class Hyperparameters:
         self.validate()
         L = self.num_layers
         self.xsa_last_n = L if self.xsa_last_n < 0 else self.xsa_last_n
-        self.ve_layers = parse_layer_list("VE_LAYERS", self.ve_layers, L) if self.ve_dim else []
+        ve_text = ",".join(str(i) for i in range(max(L - 2, 0), L)) if self.ve_layers.strip().lower() == "auto" else self.ve_layers
+        self.ve_layers = parse_layer_list("VE_LAYERS", ve_text, L) if self.ve_dim else []
         self.loop = parse_loop(self.loop_layers, L)
         self.lanes_from = parse_lanes(self.parallel_start, L, self.loop)
 

@@ -21,7 +21,8 @@ DOCS_TINY = SHARED / "docs_sp1024_tiny"
 
 # A small model with every default switch on; tests override what they need.
 TINY = dict(NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2", ROPE_DIMS="8",
-            XSA_LAST_N="4", BIGRAM_BUCKETS="64", BIGRAM_DIM="16", TRAIN_SEQ_LEN="64", VOCAB_SIZE="1024")
+            XSA_LAST_N="4", BIGRAM_BUCKETS="64", BIGRAM_DIM="16", VE_DIM="16", TRAIN_SEQ_LEN="64", VOCAB_SIZE="1024",
+            TTT="off")  # sliding-window scoring: tests/test_ttt.py and the smoke run cover the default TTT
 
 
 def make_h(**overrides):

@@ -648,8 +648,9 @@ def test_defaults_and_types():
             continue
         assert value == default and type(value) is type(default), name
     assert h.compile is None and h.byte_shuffle is None and h.xsa_last_n == h.num_layers == 11
-    assert h.ve_layers == [] and h.eval_seq_len == h.train_seq_len and h.run_id
-    assert train_gpt.Hyperparameters({"VE_DIM": "128"}).ve_layers == [9, 10]
+    assert h.ve_layers == [9, 10] and h.eval_seq_len == h.train_seq_len and h.run_id
+    assert train_gpt.Hyperparameters({"VE_DIM": "0"}).ve_layers == []
+    assert train_gpt.Hyperparameters({"NUM_LAYERS": "1"}).ve_layers == [0]
 
 
 @pytest.mark.parametrize("layers", [1, 4, 10, 11, 12])

@@ -26,8 +26,9 @@ def final_exact(log, tag):
 
 
 def test_smoke_run_end_to_end(tmp_path):
-    """The README's smoke command runs train -> average -> GPTQ -> zstd -> roundtrip -> sliding eval; the console
-    names the log first and ends with the summary; submission.json describes the artifact beside it."""
+    """The README's smoke command runs train -> average -> GPTQ -> zstd -> roundtrip -> the default final pass
+    (score-first LoRA TTT); the console names the log first and ends with the summary; submission.json describes
+    the artifact beside it."""
     env = dict(os.environ, SMOKE_DIR=str(tmp_path / "smoke"))
     env.pop("OMP_NUM_THREADS", None)  # the script chooses its own thread count
     proc = subprocess.run(["bash", str(ROOT / "tools" / "smoke_run.sh")], env=env, capture_output=True, text=True, timeout=900)
@@ -36,21 +37,22 @@ def test_smoke_run_end_to_end(tmp_path):
     expected_order = ["log: ", "val_bpb:enabled tokenizer_kind=sentencepiece", "train_loader:dataset:", "val_loader:shards pattern=",
                       "model_params:", "world_size:1 grad_accum_steps:1", "warmup_step:1/", "step:1/", "pre_quant val_loss:",
                       "Serialized model int6+zstd:", "Code size:", "Total submission size int6+zstd:",
-                      "final_int6_zstd_roundtrip val_loss:", "final_int6_sliding_window_exact", "final_int8_zlib_roundtrip_exact",
+                      "final_int6_zstd_roundtrip val_loss:", "final_int6_ttt_lora_exact", "final_int8_zlib_roundtrip_exact",
                       "submission: wrote", "summary: val_bpb:"]
     positions = [out.find(s) for s in expected_order]
     assert all(p >= 0 for p in positions), [s for s, p in zip(expected_order, positions) if p < 0]
     assert positions == sorted(positions) and positions[0] == 0
     lines = out.strip().splitlines()
     assert lines[-1].startswith("summary: val_bpb:") and "Traceback" not in proc.stderr
-    assert final_exact(out, "final_int8_zlib_roundtrip") == final_exact(out, "final_int6_sliding_window")
-    assert f"summary: val_bpb:{final_exact(out, 'final_int6_sliding_window')[1]:.8f} " in lines[-1]
+    assert final_exact(out, "final_int8_zlib_roundtrip") == final_exact(out, "final_int6_ttt_lora")
+    assert f"summary: val_bpb:{final_exact(out, 'final_int6_ttt_lora')[1]:.8f} " in lines[-1]
     losses = [float(x) for x in re.findall(r"train_loss:([0-9.]+)", out)]
     assert losses[-1] < losses[0] - 1.0, "training did not reduce the loss"
     assert max(losses[2:]) < math.log(1024), "the loss rose above uniform after the first steps"
     smoke = tmp_path / "smoke"
     sub = json.loads((smoke / "out" / "submission.json").read_text())
-    assert sub["val_bpb"] == pytest.approx(final_exact(out, "final_int6_sliding_window")[1], abs=1e-8)
+    assert sub["val_bpb"] == pytest.approx(final_exact(out, "final_int6_ttt_lora")[1], abs=1e-8)
+    assert sub["ttt"] == "lora"
     assert sub["bytes_model"] == (smoke / "out" / "final_model.int6.ptz").stat().st_size
     assert sub["bytes_total"] == sub["bytes_model"] + (ROOT / "train_gpt.py").stat().st_size
     log_text = Path(lines[0].removeprefix("log: ")).read_text()

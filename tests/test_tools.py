@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import compare_nll
+import export_size
 import merge_seeds
 import pack_code
 import train_gpt
@@ -280,3 +282,15 @@ def test_pack_refuses(tmp_path, capsys):
     assert exit_code(pack_code.main, [str(tmp_path / "missing.py"), "-o", str(tmp_path / "out.py")]) == 2
     assert src.read_text() == SCRIPT and not (tmp_path / "out.py").exists()
     assert capsys.readouterr().err.count("error: ") == 2
+
+
+def test_export_size_fills_the_window_and_measures_both_compressors(monkeypatch, capsys):
+    """tools/export_size.py on a small model: without filling the default grids; with it, the total lands in
+    [cap - 50,000, cap]; and the bits per int6 code of zstd and lzma are reported."""
+    for name, value in {**TINY, "CODE_BYTES": "1000", "ARTIFACT_CAP_BYTES": "200000"}.items():
+        monkeypatch.setenv(name, value)
+    export_size.main()
+    out = capsys.readouterr().out
+    totals = {int(f): int(t.replace(",", "")) for f, t in re.findall(r"^BUDGET_FILL=(\d): total ([\d,]+) bytes", out, re.M)}
+    assert totals[0] < 150_000 and 150_000 <= totals[1] <= 200_000, out
+    assert re.search(r"zstd-22 [\d.]+ bits/code, lzma-9e [\d.]+ bits/code", out), out

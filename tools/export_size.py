@@ -46,7 +46,7 @@ def main():
             params = sum(t.numel() for t in state.values())
             print(f"STACK={h.stack}: {params:,} parameters; estimate before training {train_gpt.estimate_model_bytes(state, h):,} bytes + code {code_bytes:,}")
         t = time.perf_counter()
-        blob, qstate, report = train_gpt.export_artifact(state, h, code_bytes, log=lambda m: print("  " + m))
+        blob, qstate, report = train_gpt.export_artifact(state, h, code_bytes, log=lambda m, **_: print("  " + m))
         results[fill] = (len(blob) + code_bytes, time.perf_counter() - t, report)
         print(f"BUDGET_FILL={fill}: total {len(blob) + code_bytes:,} bytes (model {len(blob):,}; cap {h.artifact_cap_bytes:,}, "
               f"{h.artifact_cap_bytes - len(blob) - code_bytes:,} left) in {results[fill][1]:.1f}s; grids {report['grids']}; "
