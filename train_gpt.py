@@ -1413,12 +1413,17 @@ def score_windows(logits_fn, scorer, starts, seq_len, stride, batch_seqs, progre
             progress.step(min(batch_seqs, len(starts) - b))
 
 
+def rank_slice(items, rank, world_size):
+    """This rank's contiguous share of `items` (windows in stream order), the shares as even as they can be."""
+    return items[len(items) * rank // world_size:len(items) * (rank + 1) // world_size]
+
+
 def evaluate(logits_fn, tokens, luts, seq_len, stride, batch_seqs, rank=0, world_size=1, log=None, label="eval"):
     """Exact val_loss (nats/token) and val_bpb over every target of `tokens`: windows split contiguously over
     ranks, float64 sums all-reduced. stride == seq_len gives non-overlapping windows."""
     scorer = Scorer(tokens, luts)
     starts = window_starts(scorer.n, seq_len, stride)
-    mine = starts[len(starts) * rank // world_size:len(starts) * (rank + 1) // world_size]
+    mine = rank_slice(starts, rank, world_size)
     score_windows(logits_fn, scorer, mine, seq_len, stride, batch_seqs, Progress(log, label, len(mine), "windows") if log else None)
     return scorer.result(world_size)
 
@@ -1494,7 +1499,7 @@ def ttt_sgd(run, model, train_fn, scorer, logits_fn, t_eval):
     clock, progress = TTTClock(run, t_eval, chunks), Progress(run.log, "ttt_sgd", chunks, "chunks")
     for c in range(chunks):
         windows = starts[(first // K) == c]
-        mine = windows[len(windows) * run.rank // run.world_size:len(windows) * (run.rank + 1) // run.world_size]
+        mine = rank_slice(windows, run.rank, run.world_size)
         score_windows(logits_fn, scorer, mine, h.eval_seq_len, h.eval_stride, h.eval_batch_seqs)
         if c < chunks - 1 and clock.adapting:
             lr = h.ttt_sgd_lr * 0.5 * (1 + math.cos(math.pi * c / max(chunks - 1, 1)))
@@ -2069,7 +2074,7 @@ def evaluate_artifact(run, data, artifact):
             scorer, stride = Scorer(val_tokens, data.luts, record=bool(h.dump_nll)), h.eval_stride
             if h.ttt == "off":
                 starts = window_starts(scorer.n, h.eval_seq_len, h.eval_stride)
-                mine = starts[len(starts) * run.rank // run.world_size:len(starts) * (run.rank + 1) // run.world_size]
+                mine = rank_slice(starts, run.rank, run.world_size)
                 score_windows(logits_fn, scorer, mine, h.eval_seq_len, h.eval_stride, h.eval_batch_seqs,
                               Progress(log, tag, len(mine), "windows"))
             else:
