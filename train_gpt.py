@@ -63,6 +63,7 @@ HYPERPARAMETERS = [
     ("MAX_WALLCLOCK_SECONDS", float, 600.0, 0, "training clock cap incl. GPTQ Hessians (0: no cap)"),
     ("TRAIN_BATCH_TOKENS", int, 786432, 1, "global batch in tokens per optimizer step"),
     ("TRAIN_SEQ_LEN", int, 2048, 2, "training sequence length"),
+    ("SHUFFLE_WINDOWS", bool, True, None, "train on seq_len windows in a seeded random order, each once per epoch (0: the shards in order)"),
     ("GRAD_ACCUM_STEPS", int, 0, 0, "micro-steps per optimizer step (0: 8 // world_size, at least 1)"),
     ("WARMUP_STEPS", int, 20, 0, "compile warm-up steps, rolled back afterwards (cost no training time)"),
     ("WARMDOWN_FRAC", float, 0.85, 0, "fraction of the run (time or steps) over which LR decays linearly"),
@@ -385,21 +386,66 @@ class TokenStream:
         return np.concatenate(chunks)
 
 
-class DistributedTokenLoader:
-    """Each micro-step takes the next world_size*(local_tokens+1) stream tokens; rank r keeps slice r. A
-    background thread cuts the next batches (into pinned memory on CUDA) while the device works, so the step
-    never waits on disk or a pageable copy."""
+class WindowSampler:
+    """Every (seq_len+1)-token window of a grid over the shards once per epoch, in a seeded random order, the grid's
+    phase redrawn each epoch (the records' loader since 03-29): a step's sequences come from all over the data, not
+    from one stretch of a few documents, which matters once a step holds only a few sequences."""
 
-    def __init__(self, files, rank, world_size, device, local_tokens, seq_len, prefetch=2):
-        self.device, self.seq_len = device, seq_len
+    def __init__(self, files, seq_len, seed):
+        self.shards, self.seq_len, self.seed, self.epoch = [read_shard(f) for f in files], seq_len, seed, -1
+        if all(len(t) <= seq_len for t in self.shards):
+            raise DataError(f"no training shard holds a {seq_len + 1}-token window ({files[0]} ...); lower TRAIN_SEQ_LEN")
+        self.order, self.next = np.zeros(0, dtype=np.int64), 0
+
+    def new_epoch(self):
+        self.epoch += 1
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.phase = int(rng.integers(self.seq_len))
+        counts = [(len(t) - 1 - self.phase) // self.seq_len for t in self.shards]
+        if sum(max(c, 0) for c in counts) == 0:  # shards too short for this phase: the grid from 0 always fits
+            self.phase, counts = 0, [(len(t) - 1) // self.seq_len for t in self.shards]
+        self.first_window = np.cumsum([0] + [max(c, 0) for c in counts])
+        self.order, self.next = rng.permutation(int(self.first_window[-1])), 0
+
+    def take(self, count):
+        rows = np.empty((count, self.seq_len + 1), dtype=np.int64)
+        for i in range(count):
+            if self.next == len(self.order):
+                self.new_epoch()
+            window = int(self.order[self.next])
+            self.next += 1
+            shard = int(np.searchsorted(self.first_window, window, side="right")) - 1
+            start = self.phase + (window - int(self.first_window[shard])) * self.seq_len
+            rows[i] = self.shards[shard][start:start + self.seq_len + 1]
+        return rows
+
+
+class DistributedTokenLoader:
+    """Each micro-step takes the next world_size*local_tokens/seq_len sequences (of seq_len+1 tokens, the last one
+    the final target); rank r keeps the r-th share. Sequences are shuffled windows (`WindowSampler`, when a seed is
+    given) or consecutive stretches of the shards in order, each rank's share one stretch (the baseline's loader).
+    A background thread cuts the next batches (into pinned memory on CUDA) while the device works, so the step never
+    waits on disk or a pageable copy."""
+
+    def __init__(self, files, rank, world_size, device, local_tokens, seq_len, shuffle_seed=None, prefetch=2):
+        self.device = device
         self.ready = queue.Queue(maxsize=prefetch)
-        stream, span = TokenStream(files), local_tokens + 1
+        rows = local_tokens // seq_len
+        if shuffle_seed is None:
+            stream, span = TokenStream(files), local_tokens + 1
+        else:
+            sampler = WindowSampler(files, seq_len, shuffle_seed)
+
+        def next_rows():
+            if shuffle_seed is not None:
+                return sampler.take(rows * world_size)[rank * rows:(rank + 1) * rows]
+            chunk = stream.take(span * world_size)[rank * span:(rank + 1) * span].astype(np.int64)
+            return np.lib.stride_tricks.sliding_window_view(chunk, seq_len + 1)[::seq_len].copy()
 
         def fill():
             try:
                 while True:
-                    chunk = stream.take(span * world_size)[rank * span:(rank + 1) * span]
-                    batch = torch.from_numpy(chunk.astype(np.int64))
+                    batch = torch.from_numpy(next_rows())
                     self.ready.put(batch.pin_memory() if device.type == "cuda" else batch)
             except DataError as error:
                 self.ready.put(error)
@@ -411,7 +457,7 @@ class DistributedTokenLoader:
         if isinstance(batch, DataError):
             raise batch
         batch = batch.to(self.device, non_blocking=True)
-        return batch[:-1].view(-1, self.seq_len), batch[1:].view(-1, self.seq_len)
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
 
 def load_validation_tokens(data_path, seq_len):
@@ -1852,6 +1898,7 @@ def train(run, data):
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
     accum, local_tokens = h.batch_layout(run.world_size)
+    shuffle_seed = h.seed if h.shuffle_windows else None
     model = build_model(h).to(device)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     estimate = estimate_model_bytes(model.state_dict(), h) + run.code_bytes
@@ -1898,7 +1945,7 @@ def train(run, data):
             f"{', the second half with the loop on (both graphs)' if delayed_loop else ''}; rolled back afterwards")
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        warmup_loader = DistributedTokenLoader(data.train_files, run.rank, run.world_size, device, local_tokens, h.train_seq_len)
+        warmup_loader = DistributedTokenLoader(data.train_files, run.rank, run.world_size, device, local_tokens, h.train_seq_len, shuffle_seed)
         for i in range(h.warmup_steps):
             model.looping = bool(h.loop) and (not delayed_loop or i >= h.warmup_steps // 2)
             train_step(0, warmup_loader, 1.0)
@@ -1908,7 +1955,7 @@ def train(run, data):
             opt.load_state_dict(state)
     model.looping = bool(h.loop) and not delayed_loop
 
-    loader = DistributedTokenLoader(data.train_files, run.rank, run.world_size, device, local_tokens, h.train_seq_len)
+    loader = DistributedTokenLoader(data.train_files, run.rank, run.world_size, device, local_tokens, h.train_seq_len, shuffle_seed)
     averager = WeightAverager(model, h)
     reserve_ms = 1000 * h.gptq_reserve_seconds if h.gptq else 0.0
     cap_ms = 1000 * h.max_wallclock_seconds - reserve_ms if h.max_wallclock_seconds else 0.0

@@ -283,6 +283,77 @@ def test_distributed_loader_deterministic(three_shards):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
+
+def _write_shards(tmp_path, lengths, base=1000):
+    """Shards whose token at position i of shard k is base*(k+1)+i, so a row tells where it was cut from."""
+    files = []
+    for k, n in enumerate(lengths):
+        f = tmp_path / f"fineweb_train_{k:06d}.bin"
+        smoke_data.write_shard(f, base * (k + 1) + np.arange(n))
+        files.append(str(f))
+    return files
+
+
+def _origin(row, base=1000):
+    """(shard, start) of a sampled row; asserts it is one contiguous stretch of one shard."""
+    row = [int(t) for t in row]
+    assert row == list(range(row[0], row[0] + len(row)))
+    shard, start = divmod(row[0], base)
+    assert (row[-1]) // base == shard
+    return shard - 1, start
+
+
+@pytest.mark.parametrize("seq_len", [1, 3, 8])
+def test_window_sampler_takes_each_window_of_a_grid_once_per_epoch(tmp_path, seq_len):
+    lengths = [40, 7, 0, 29]
+    files = _write_shards(tmp_path, lengths)
+    sampler = train_gpt.WindowSampler(files, seq_len, seed=5)
+    starts_seen = []
+    for epoch in range(4):
+        first = sampler.take(1)  # opens the epoch, so its grid is known
+        assert sampler.epoch == epoch
+        n_windows = int(sampler.first_window[-1])
+        rows = np.concatenate([first, sampler.take(n_windows - 1)])
+        origins = [_origin(r) for r in rows]
+        grid = sorted((k, sampler.phase + j * seq_len) for k, n in enumerate(lengths)
+                      for j in range(max(0, (n - 1 - sampler.phase) // seq_len)))
+        assert sorted(origins) == grid  # every window of this epoch's grid exactly once, nothing else
+        assert all(start + seq_len < lengths[k] for k, start in origins)
+        starts_seen.append(origins)
+    assert len({tuple(o) for o in starts_seen}) == 4  # each epoch its own order (and phase)
+    every = [o for e in starts_seen for o in e]
+    assert [_origin(r) for r in train_gpt.WindowSampler(files, seq_len, seed=5).take(len(every))] == every  # replays
+    assert [_origin(r) for r in train_gpt.WindowSampler(files, seq_len, seed=6).take(len(every))] != every
+
+
+def test_window_sampler_short_shards(tmp_path):
+    with pytest.raises(DataError, match="window"):
+        train_gpt.WindowSampler(_write_shards(tmp_path, [4, 0, 3]), 4, seed=0)
+    sampler = train_gpt.WindowSampler(_write_shards(tmp_path, [5]), 4, seed=0)  # only phase 0 fits
+    rows = sampler.take(3)
+    assert [_origin(r) for r in rows] == [(0, 0)] * 3
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("local_tokens,seq_len", [(4, 2), (6, 3), (8, 8)])
+def test_shuffled_loader_ranks_partition_the_global_batch(tmp_path, world_size, local_tokens, seq_len):
+    files = _write_shards(tmp_path, [50, 31, 17])
+    cpu = torch.device("cpu")
+    loaders = [train_gpt.DistributedTokenLoader(files, r, world_size, cpu, local_tokens, seq_len, 3) for r in range(world_size)]
+    single = train_gpt.DistributedTokenLoader(files, 0, 1, cpu, local_tokens, seq_len, 3)
+    reference = train_gpt.WindowSampler(files, seq_len, 3)
+    rows = local_tokens // seq_len
+    for _ in range(12):  # crosses epochs
+        expected = reference.take(rows * world_size)
+        for r, loader in enumerate(loaders):
+            x, y = loader.next_batch()
+            assert x.shape == y.shape == (rows, seq_len) and x.dtype == y.dtype == torch.int64
+            assert torch.equal(x[:, 1:], y[:, :-1])
+            share = torch.from_numpy(expected[r * rows:(r + 1) * rows])
+            assert torch.equal(x, share[:, :-1]) and torch.equal(y, share[:, 1:])
+            x1, y1 = single.next_batch()  # one rank's consecutive micro-steps see what the ranks see
+            assert torch.equal(x1, x) and torch.equal(y1, y)
+
 # ----------------------------------------------------------------------------------------------------
 # 3. byte look-up tables
 
