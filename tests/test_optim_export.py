@@ -357,27 +357,44 @@ def _set(model, values):
 
 
 def test_ema_arithmetic_and_apply():
-    d = 0.9
+    d = 0.9  # the average starts at step 2 / (1 - d) = 20 and follows the live weights before it
     h = make_h(AVERAGING="ema", EMA_DECAY=d)
     model = _Two()
     g = torch.Generator().manual_seed(0)
-    seq = [[torch.randn(p.shape, generator=g, dtype=torch.float64) for p in model.parameters()] for _ in range(6)]
+    seq = [[torch.randn(p.shape, generator=g, dtype=torch.float64) for p in model.parameters()] for _ in range(31)]
     _set(model, seq[0])
     avg = train_gpt.WeightAverager(model, h)
-    for k in range(1, 6):
+    expected = [t.clone() for t in seq[0]]
+    for k in range(1, 31):
         _set(model, seq[k])
         avg.update(k, 1.0)
-    for i in range(2):  # e_k = d_k e_{k-1} + (1 - d_k) w_k with the warming-up decay d_k = min(d, (1 + k) / (10 + k))
-        expected = seq[0][i]
-        for k in range(1, 6):
-            dk = min(d, (1 + k) / (10 + k))
-            expected = dk * expected + (1 - dk) * seq[k][i]
-        assert torch.allclose(avg.avg[i].double(), expected, rtol=0, atol=1e-6)
-    assert min(d, 6 / 15) < d  # the warm-up was active in these steps
+        # e_k = w_k before step 20, then d_k e_{k-1} + (1 - d_k) w_k, the decay warming up d_k = min(d, (1+s)/(10+s))
+        dk = 0.0 if k < 20 else min(d, (1 + k - 20) / (10 + k - 20))
+        expected = [dk * e + (1 - dk) * w for e, w in zip(expected, seq[k])]
+        for a, e in zip(avg.avg, expected):
+            assert torch.allclose(a.double(), e, rtol=0, atol=1e-6), k
+        if k < 20:
+            assert all(torch.allclose(a.double(), w, atol=1e-6) for a, w in zip(avg.avg, seq[k]))
     live = [p.detach().clone() for p in model.parameters()]
     assert "EMA" in avg.apply_to(model)
     for p, a, w in zip(model.parameters(), avg.avg, live):
         assert torch.equal(p.detach(), a) and not torch.equal(p.detach(), w)
+
+
+def test_default_ema_exports_the_live_weights_of_a_short_run():
+    """At the default decay 0.9965 the average starts at step 571: a 200-step run (issue 9's side-by-side, where
+    every average of its last steps scored worse than its last weights) exports its live weights; a 1,000-step
+    run an average."""
+    h = make_h(AVERAGING="ema")
+    assert h.ema_decay == 0.9965
+    model = _Two()
+    g = torch.Generator().manual_seed(1)
+    avg = train_gpt.WeightAverager(model, h)
+    for k in range(1, 1001):
+        _set(model, [torch.randn(p.shape, generator=g) for p in model.parameters()])
+        avg.update(k, 1.0)
+        live_now = all(torch.allclose(a, p.detach()) for a, p in zip(avg.avg, model.parameters()))
+        assert live_now == (k < 571), k
 
 
 def test_swa_snapshots_and_mean():
