@@ -407,16 +407,19 @@ class WindowSampler:
         self.first_window = np.cumsum([0] + [max(c, 0) for c in counts])
         self.order, self.next = rng.permutation(int(self.first_window[-1])), 0
 
-    def take(self, count):
-        rows = np.empty((count, self.seq_len + 1), dtype=np.int64)
+    def take(self, count, keep=None):
+        """The next `count` windows; only those at positions in `keep` (a range; default all) are read."""
+        keep = range(count) if keep is None else keep
+        rows = np.empty((len(keep), self.seq_len + 1), dtype=np.int64)
         for i in range(count):
             if self.next == len(self.order):
                 self.new_epoch()
             window = int(self.order[self.next])
             self.next += 1
-            shard = int(np.searchsorted(self.first_window, window, side="right")) - 1
-            start = self.phase + (window - int(self.first_window[shard])) * self.seq_len
-            rows[i] = self.shards[shard][start:start + self.seq_len + 1]
+            if i in keep:
+                shard = int(np.searchsorted(self.first_window, window, side="right")) - 1
+                start = self.phase + (window - int(self.first_window[shard])) * self.seq_len
+                rows[i - keep.start] = self.shards[shard][start:start + self.seq_len + 1]
         return rows
 
 
@@ -438,7 +441,7 @@ class DistributedTokenLoader:
 
         def next_rows():
             if shuffle_seed is not None:
-                return sampler.take(rows * world_size)[rank * rows:(rank + 1) * rows]
+                return sampler.take(rows * world_size, range(rank * rows, (rank + 1) * rows))
             chunk = stream.take(span * world_size)[rank * span:(rank + 1) * span].astype(np.int64)
             return np.lib.stride_tricks.sliding_window_view(chunk, seq_len + 1)[::seq_len].copy()
 
