@@ -401,11 +401,14 @@ class WindowSampler:
         self.epoch += 1
         rng = np.random.default_rng([self.seed, self.epoch])
         self.phase = int(rng.integers(self.seq_len))
-        counts = [(len(t) - 1 - self.phase) // self.seq_len for t in self.shards]
-        if sum(max(c, 0) for c in counts) == 0:  # shards too short for this phase: the grid from 0 always fits
-            self.phase, counts = 0, [(len(t) - 1) // self.seq_len for t in self.shards]
-        self.first_window = np.cumsum([0] + [max(c, 0) for c in counts])
+        counts = self.windows_per_shard(self.phase)
+        if not sum(counts):  # shards too short for this phase: the grid from 0 always fits
+            self.phase, counts = 0, self.windows_per_shard(0)
+        self.first_window = np.cumsum([0] + counts)
         self.order, self.next = rng.permutation(int(self.first_window[-1])), 0
+
+    def windows_per_shard(self, phase):
+        return [max((len(t) - 1 - phase) // self.seq_len, 0) for t in self.shards]
 
     def take(self, count, keep=None):
         """The next `count` windows; only those at positions in `keep` (a range; default all) are read."""
@@ -427,8 +430,8 @@ class DistributedTokenLoader:
     """Each micro-step takes the next world_size*local_tokens/seq_len sequences (of seq_len+1 tokens, the last one
     the final target); rank r keeps the r-th share. Sequences are shuffled windows (`WindowSampler`, when a seed is
     given) or consecutive stretches of the shards in order, each rank's share one stretch (the baseline's loader).
-    A background thread cuts the next batches (into pinned memory on CUDA) while the device works, so the step never
-    waits on disk or a pageable copy."""
+    A background thread cuts the next (inputs, targets) (into pinned memory on CUDA) while the device works, so the
+    step never waits on disk, a pageable copy or a split."""
 
     def __init__(self, files, rank, world_size, device, local_tokens, seq_len, shuffle_seed=None, prefetch=2):
         self.device = device
@@ -436,20 +439,22 @@ class DistributedTokenLoader:
         rows = local_tokens // seq_len
         if shuffle_seed is None:
             stream, span = TokenStream(files), local_tokens + 1
+
+            def next_rows():
+                chunk = stream.take(span * world_size)[rank * span:(rank + 1) * span].astype(np.int64)
+                return np.lib.stride_tricks.sliding_window_view(chunk, seq_len + 1)[::seq_len]
         else:
             sampler = WindowSampler(files, seq_len, shuffle_seed)
 
-        def next_rows():
-            if shuffle_seed is not None:
+            def next_rows():
                 return sampler.take(rows * world_size, range(rank * rows, (rank + 1) * rows))
-            chunk = stream.take(span * world_size)[rank * span:(rank + 1) * span].astype(np.int64)
-            return np.lib.stride_tricks.sliding_window_view(chunk, seq_len + 1)[::seq_len].copy()
 
         def fill():
             try:
                 while True:
-                    batch = torch.from_numpy(next_rows())
-                    self.ready.put(batch.pin_memory() if device.type == "cuda" else batch)
+                    batch = next_rows()
+                    pair = [torch.from_numpy(np.ascontiguousarray(part)) for part in (batch[:, :-1], batch[:, 1:])]
+                    self.ready.put([t.pin_memory() for t in pair] if device.type == "cuda" else pair)
             except DataError as error:
                 self.ready.put(error)
 
@@ -459,8 +464,7 @@ class DistributedTokenLoader:
         batch = self.ready.get()
         if isinstance(batch, DataError):
             raise batch
-        batch = batch.to(self.device, non_blocking=True)
-        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        return tuple(t.to(self.device, non_blocking=True) for t in batch)
 
 
 def load_validation_tokens(data_path, seq_len):
@@ -961,6 +965,7 @@ class WeightAverager:
 
     def __init__(self, model, h):
         self.mode, self.h = h.averaging, h
+        self.ema_start = round(2 / (1 - h.ema_decay))
         self.params = [p for p in model.parameters()]
         self.avg = [p.detach().float().clone() for p in self.params] if self.mode == "ema" else \
             [torch.zeros_like(p, dtype=torch.float32) for p in self.params] if self.mode == "swa" else []
@@ -970,7 +975,7 @@ class WeightAverager:
     def update(self, step, lr_scale):
         current = [p.detach().float() for p in self.params]
         if self.mode == "ema":
-            since = step - round(2 / (1 - self.h.ema_decay))
+            since = step - self.ema_start
             torch._foreach_lerp_(self.avg, current, 1 if since < 0 else 1 - min(self.h.ema_decay, (1 + since) / (10 + since)))
         elif self.mode == "swa" and lr_scale < self.h.swa_start_lr_scale and step % self.h.swa_every == 0:
             torch._foreach_add_(self.avg, current)
@@ -1904,7 +1909,11 @@ def train(run, data):
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
     accum, local_tokens = h.batch_layout(run.world_size)
-    shuffle_seed = h.seed if h.shuffle_windows else None
+
+    def new_loader():  # a fresh loader replays the same batches (the warm-up's are rolled back with the weights)
+        return DistributedTokenLoader(data.train_files, run.rank, run.world_size, device, local_tokens, h.train_seq_len,
+                                      h.seed if h.shuffle_windows else None)
+
     model = build_model(h).to(device)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     estimate = estimate_model_bytes(model.state_dict(), h) + run.code_bytes
@@ -1951,7 +1960,7 @@ def train(run, data):
             f"{', the second half with the loop on (both graphs)' if delayed_loop else ''}; rolled back afterwards")
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        warmup_loader = DistributedTokenLoader(data.train_files, run.rank, run.world_size, device, local_tokens, h.train_seq_len, shuffle_seed)
+        warmup_loader = new_loader()
         for i in range(h.warmup_steps):
             model.looping = bool(h.loop) and (not delayed_loop or i >= h.warmup_steps // 2)
             train_step(0, warmup_loader, 1.0)
@@ -1961,7 +1970,7 @@ def train(run, data):
             opt.load_state_dict(state)
     model.looping = bool(h.loop) and not delayed_loop
 
-    loader = DistributedTokenLoader(data.train_files, run.rank, run.world_size, device, local_tokens, h.train_seq_len, shuffle_seed)
+    loader = new_loader()
     averager = WeightAverager(model, h)
     reserve_ms = 1000 * h.gptq_reserve_seconds if h.gptq else 0.0
     cap_ms = 1000 * h.max_wallclock_seconds - reserve_ms if h.max_wallclock_seconds else 0.0
