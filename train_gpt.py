@@ -151,26 +151,29 @@ HYPERPARAMETERS = [
     ("DUMP_NLL", str, "", None, "write every target's nll, bytes and scoring batch of the final evaluation to this .npz"),
     # score-first test-time training
     ("TTT", ("off", "lora", "sgd"), "lora", None, "test-time training during the final evaluation (score first, then adapt)"),
-    ("TTT_BUDGET_SECONDS", float, 540.0, 1, "adaptation stops when the eval clock would pass this; the rest is scored without updates"),
+    ("TTT_BUDGET_SECONDS", float, 540.0, 1, "a unit is adapted only if the projected eval clock stays within this; the rest is scored without updates"),
     ("TTT_CHUNK", int, 48, 1, "lora: targets of a document scored (then trained on) per step"),
     ("TTT_BATCH_DOCS", int, 64, 1, "lora: documents adapted side by side"),
     ("TTT_LORA_RANK", int, 80, 1, "lora: adapter rank"),
     ("TTT_LORA_ALPHA", float, 144.0, 0, "lora: adapter output scale alpha/rank"),
     ("TTT_LORA_LR", float, 1e-4, 0, "lora: AdamW LR (betas 0, 0.99)"),
     ("TTT_LORA_WD", float, 0.5, 0, "lora: AdamW weight decay"),
-    ("TTT_PHASES", str, "", None, "lora: comma list of document counts after which one epoch of full-model SGD runs"),
+    ("TTT_PHASES", str, "", None, "lora: comma list of document counts (queue order) after which one epoch of full-model SGD runs"),
+    ("TTT_PHASE_LR", float, 0.001, 0, "phases: SGD LR, cosine-decayed over the phase's chunks (a fresh optimizer each phase)"),
     ("TTT_SGD_CHUNK", int, 32768, 1, "sgd (and phases): tokens per chunk, a multiple of EVAL_SEQ_LEN"),
     ("TTT_SGD_EPOCHS", int, 3, 1, "sgd: steps on each chunk after it is scored"),
-    ("TTT_SGD_LR", float, 0.002, 0, "sgd and phases: LR, cosine-decayed over the chunks"),
+    ("TTT_SGD_LR", float, 0.002, 0, "sgd: LR, cosine-decayed over the chunks"),
     ("TTT_SGD_MOMENTUM", float, 0.9, 0, "sgd and phases: momentum"),
     ("TTT_GRAD_CLIP", float, 1.0, 0, "sgd and phases: gradient-norm clip (0: off)"),
 ]
 # The recommended 8192-vocabulary stack (TECHNIQUES section 8): no BigramHash or value embeddings (their gains were
-# at 1024 pieces), an int7 GPTQ'd embedding (its Hessian from the final norm); the rest as the SP1024 stack.
+# at 1024 pieces), an int7 GPTQ'd embedding (its Hessian from the final norm), the records' three TTT phases; the rest as
+# the SP1024 stack.
 STACKS = {
     "sp1024": {},
     "sp8192": {"DATA_PATH": "./data/datasets/fineweb10B_sp8192", "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe.model",
-               "VOCAB_SIZE": "8192", "BIGRAM_BUCKETS": "0", "VE_DIM": "0", "EMBED_BITS": "7", "EMBED_CLIP_K": "15"},
+               "VOCAB_SIZE": "8192", "BIGRAM_BUCKETS": "0", "VE_DIM": "0", "EMBED_BITS": "7", "EMBED_CLIP_K": "15",
+               "TTT_PHASES": "833,1666,2500"},
 }
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
@@ -805,7 +808,8 @@ class GPT(nn.Module):
             x = self.smear(x, input_ids)
         x = x0 = rms_norm(x)
         ve = self.ve(input_ids) if self.ve is not None else None
-        docs = document_bounds(input_ids, self.use_fa3 and input_ids.is_cuda) if self.doc_isolation else None
+        # a TTT row (lora) holds one document: plain causal attention is exact there
+        docs = document_bounds(input_ids, self.use_fa3 and input_ids.is_cuda) if self.doc_isolation and lora is None else None
         order = self.looped if self.looping else self.plain
         encoder, skips, lanes = len(order) // 2, [], None
         for pos, i in enumerate(order):
@@ -1497,28 +1501,219 @@ def make_logits_fn(model, compile_model, autocast):
 
 
 # Score-first test-time training (RULES: a target's loss is recorded before any update that has seen it; one
-# left-to-right pass; the model's full softmax). Both modes run the model's own forward.
+# left-to-right pass; the model's full softmax). Both modes run the model's own forward. A budget decides, unit by
+# unit, whether adapting fits in TTT_BUDGET_SECONDS of eval clock; every target is scored either way.
 
-class TTTClock:
-    """Adaptation stops once the eval clock, projected from the time per unit of work so far, would pass
-    TTT_BUDGET_SECONDS; the rest is then scored without updates. The decision is all-reduced, so every rank
-    runs the same collectives."""
+# Prior seconds per unit of work on one H100, from the records' logs, until the run measures its own: LoRA TTT 1.33 us
+# per token pass (a row position, forward and backward), 15.7 ms per chunk step, 33 ms per batch (04-13); full-model
+# SGD (phases, TTT=sgd) 0.12 s per 32,768-token chunk on 8 ranks = 29 us per token per rank (04-27); sliding-window
+# scoring 0.3 us per token position (03-25: ~70 s for the validation set on 8 GPUs). Scoring a LoRA batch without
+# updates is taken as half of adapting it until measured.
+TTT_PRIOR = {"token_pass": 1.33e-6, "chunk_step": 15.7e-3, "batch": 33e-3, "score_pass": 0.67e-6, "score_step": 7.9e-3,
+             "sgd_token": 29e-6, "window_pass": 0.3e-6}
+TTT_MARGIN = 0.03  # share of the projected remaining work kept in hand against the cost model's error
+TTT_CHECK_SECONDS = 1.0  # an adapting batch re-checks the budget this often
+TTT_LANES = 8  # warm-A chains: the records' 8 ranks; every world size dividing it runs the same chains, same scores
 
-    def __init__(self, run, t_eval, total_work):
-        self.run, self.t_eval, self.total, self.done, self.adapting = run, t_eval, total_work, 0, True
-        self.t0, self.stopped_after = time.perf_counter(), None
 
-    def update(self, work):
-        self.done += work
-        if self.adapting:
-            elapsed = time.perf_counter() - self.t0
-            projected = time.perf_counter() - self.t_eval + elapsed / max(self.done, 1) * (self.total - self.done)
-            over = torch.tensor(float(projected > self.run.h.ttt_budget_seconds), device=self.run.device)
-            if self.run.all_reduce(over, dist.ReduceOp.MAX).item():
-                self.adapting, self.stopped_after = False, self.done
-                self.run.log(f"ttt: budget: projected eval clock {projected:.0f}s > TTT_BUDGET_SECONDS "
-                             f"{self.run.h.ttt_budget_seconds:.0f}s after {self.done}/{self.total}; scoring the rest without updates")
-        return self.adapting
+class Work(dict):
+    """Units of work by kind ({"token_pass": n, ...}); adds like a vector."""
+
+    def __add__(self, other):
+        return Work({k: self.get(k, 0) + other.get(k, 0) for k in {*self, *other}})
+
+
+class CostModel:
+    """Seconds for a Work: each kind's prior cost times a factor fitted to measured times (least squares, factors
+    kept above a floor, pulled faintly towards one common scale), so the projection follows the machine and the mix
+    of work as the run goes; a kind never measured keeps its prior ratio to the others."""
+
+    def __init__(self, prior=None):
+        self.prior = dict(prior or TTT_PRIOR)
+        k = len(self.prior)
+        self.zz, self.zy, self.z2, self.z_sum, self.y_sum, self.n = np.zeros((k, k)), np.zeros(k), np.zeros(k), 0.0, 0.0, 0
+        self.factors, self.errors = np.ones(k), []
+
+    def error(self):
+        """The largest relative error of the last 8 predictions, before each was measured (0 before any)."""
+        return min(max(self.errors, default=0.0), 1.0)
+
+    def features(self, work):
+        return np.array([c * work.get(name, 0) for name, c in self.prior.items()])
+
+    def seconds(self, work):
+        return float(self.factors @ self.features(work))
+
+    def observe(self, work, seconds):
+        z = self.features(work)
+        self.errors = (self.errors + [abs(seconds - self.seconds(work)) / max(self.seconds(work), 1e-9)])[-8:]
+        self.zz += np.outer(z, z)
+        self.zy += z * seconds
+        self.z2, self.z_sum, self.y_sum, self.n = self.z2 + z * z, self.z_sum + z.sum(), self.y_sum + seconds, self.n + 1
+        scale = self.y_sum / max(self.z_sum, 1e-12)
+        A, b = self.zz + np.diag(1e-3 * self.z2 / self.n + 1e-24), self.zy + (1e-3 * self.z2 / self.n + 1e-24) * scale
+        free = np.ones(len(b), dtype=bool)
+        for _ in range(len(b)):  # non-negative least squares by active set: a factor that fits below the floor is held there
+            self.factors = np.where(free, 0.0, 0.05 * scale)
+            self.factors[free] = np.linalg.solve(A[free][:, free], b[free] - A[free][:, ~free] @ self.factors[~free])
+            if (self.factors[free] >= 0.05 * scale).all():
+                break
+            free &= self.factors >= 0.05 * scale
+
+
+class TTTBudget:
+    """The eval clock (from opening the artifact) and what the rest will cost: a unit is adapted only if the clock
+    now, plus that unit adapted, plus everything after it at its cheapest (scored without updates), stays within
+    TTT_BUDGET_SECONDS. Each piece of work is timed (`restart`, `measure`) and refits the cost model. `clock` and
+    `sync` are the real ones in a run and fake ones in the planner."""
+
+    def __init__(self, limit, t_eval, clock=time.perf_counter, sync=lambda: None, prior=None):
+        self.limit, self.t_eval, self.clock, self.sync, self.cost = limit, t_eval, clock, sync, CostModel(prior)
+        self.outlook, self.mark = "", clock()
+
+    def now(self):
+        return self.clock() - self.t_eval
+
+    def projected(self, *works):
+        return self.now() + sum(self.cost.seconds(w) for w in works)
+
+    def fits(self, unit, *rest):
+        """Within the limit with margins for the model's error: the next unit's estimate grows by the recent
+        prediction error (its mix of work may be new), the rest's (errors average out over many units) by TTT_MARGIN,
+        and one check interval stays in hand (a stop can come that late)."""
+        seconds = (1 + max(TTT_MARGIN, self.cost.error())) * self.cost.seconds(unit) + TTT_CHECK_SECONDS
+        return self.now() + seconds + (1 + TTT_MARGIN) * sum(self.cost.seconds(w) for w in rest) <= self.limit
+
+    def restart(self):
+        self.mark = self.clock()
+
+    def measure(self, work):
+        """The time since the last restart/measure was the cost of `work`."""
+        self.sync()
+        t = self.clock()
+        self.cost.observe(work, t - self.mark)
+        self.mark = t
+
+    def timed(self, work, fn):
+        self.restart()
+        fn()
+        self.measure(work)
+
+    def note(self, rest_adapt, rest_score):
+        """The progress lines' view: the eval clock now and at the end, adapting the rest or only scoring it."""
+        self.outlook = (f"eval clock {self.now():.0f}s; projected {self.projected(rest_adapt):.0f}s adapting the rest, "
+                        f"{self.projected(rest_score):.0f}s scoring it (budget {self.limit:.0f}s)")
+
+
+def document_spans(tokens):
+    """[(first target, number of targets)] per document: a document runs from its BOS to the next BOS (whose
+    prediction is its last target)."""
+    starts = torch.nonzero(tokens[:-1] == BOS_ID).flatten().tolist()
+    starts = ([0] if not starts or starts[0] != 0 else []) + starts
+    ends = starts[1:] + [tokens.numel() - 1]
+    return [(s, e - s) for s, e in zip(starts, ends) if e > s]
+
+
+class BatchShape:
+    """One LoRA batch (document lengths, longest first) as score_documents runs it, chunk by chunk: the rows computed
+    (the active documents, a prefix) and the window width, at least 2 and 3 (the smear and bigram shift by one), so
+    the compiled graph never meets a size-1 dimension, which would specialise and recompile; token passes (rows x
+    width), and the Work of any range of chunks."""
+
+    def __init__(self, lengths, h):
+        n, C = np.asarray(lengths), h.ttt_chunk
+        chunks = np.arange(-(-int(n[0]) // C))
+        self.lengths, self.C, self.chunks = n, C, len(chunks)
+        self.rows = np.maximum((n[None, :] > chunks[:, None] * C).sum(1), 2)
+        self.widths = np.maximum(np.minimum(np.minimum(n[0], (chunks + 1) * C), h.eval_seq_len), 3)
+        self.passes = self.rows * self.widths
+
+    def work(self, adapt, start=0, stop=None):
+        stop = self.chunks if stop is None else stop
+        kinds = ("token_pass", "chunk_step") if adapt else ("score_pass", "score_step")
+        return Work({kinds[0]: int(self.passes[start:stop].sum()), kinds[1]: stop - start, "batch": int(start == 0)})
+
+    def targets_before(self, chunk):
+        """Targets scored in chunks before `chunk` (those scored by an adapting batch, if it stopped there)."""
+        return int(np.minimum(self.lengths, chunk * self.C).sum())
+
+
+class TTTPlan:
+    """LoRA TTT's schedule, fixed by document lengths alone: documents longest first, TTT_BATCH_DOCS to a batch;
+    TTT_PHASES cut the queue into segments (a phase trains on the first D documents once every batch holding them is
+    scored); each segment's batches are dealt to the lanes, largest prior cost to the least loaded. A lane is one
+    warm-A chain, run by rank lane % world_size, so ranks are balanced and the scores do not depend on the world size
+    (when it divides TTT_LANES)."""
+
+    def __init__(self, docs, h, world_size):
+        order = sorted(docs, key=lambda d: (-d[1], d[0]))
+        B, prior = h.ttt_batch_docs, CostModel()
+        batches = [order[i:i + B] for i in range(0, len(order), B)]
+        cost = [prior.seconds(BatchShape([n for _, n in b], h).work(True)) for b in batches]
+        counts = [int(x) for x in h.ttt_phases.split(",") if x.strip() and int(x) < len(order)]
+        self.lanes, self.world_size = -(-TTT_LANES // world_size) * world_size, world_size
+        self.phase_docs = [order[:d] for d in counts]
+        cuts = [0] + [-(-d // B) for d in counts] + [len(batches)]
+        self.segments = []
+        for a, b in zip(cuts, cuts[1:]):
+            lanes, load = [[] for _ in range(self.lanes)], [0.0] * self.lanes
+            for j in sorted(range(a, b), key=lambda j: -cost[j]):
+                lane = load.index(min(load))
+                lanes[lane].append(j)
+                load[lane] += cost[j]
+            self.segments.append([[batches[j] for j in sorted(lane)] for lane in lanes])
+
+    def rank_batches(self, rank):
+        return [batch for segment in self.segments for lane in segment[rank::self.world_size] for batch in lane]
+
+
+def drive_lora_ttt(plan, rank, h, budget, score_batch, start_lane, run_phase, agree, log=lambda m: None):
+    """Run one rank's share of the plan: its lanes segment by segment; each batch adapted if the budget allows, and
+    while adapting, re-checked every TTT_CHECK_SECONDS (so one badly estimated batch cannot overrun); then the
+    segment's phase if every rank agrees it fits with the rest still adapted (phases are dropped before LoRA
+    adaptation). Returns what was adapted. The planner drives the same function with a fake clock."""
+    shapes = [BatchShape([n for _, n in b], h) for b in plan.rank_batches(rank)]
+    rest_score, rest_adapt = [Work()], [Work()]
+    for shape in reversed(shapes):
+        rest_score.insert(0, rest_score[0] + shape.work(False))
+        rest_adapt.insert(0, rest_adapt[0] + shape.work(True))
+    stats = {"batches": len(shapes), "adapted_batches": 0, "targets": 0, "adapted_targets": 0, "phases": 0, "stops": 0}
+    i = 0
+    for k, segment in enumerate(plan.segments):
+        for lane in range(rank, plan.lanes, plan.world_size):
+            start_lane(k, lane)
+            for batch in segment[lane]:
+                shape, measured = shapes[i], [0, budget.clock()]  # chunks measured so far, when last checked
+
+                def keep_adapting(c):
+                    if budget.clock() - measured[1] < TTT_CHECK_SECONDS:
+                        return True
+                    budget.measure(shape.work(True, measured[0], c))
+                    measured[:] = [c, budget.clock()]
+                    return budget.fits(shape.work(True, c), rest_score[i + 1])
+
+                adapt = budget.fits(shape.work(True), rest_score[i + 1])
+                budget.note(rest_adapt[i], rest_score[i])
+                budget.restart()
+                stop = score_batch(batch, adapt, keep_adapting)  # the first chunk scored without updates
+                budget.measure(shape.work(True, measured[0], stop) + shape.work(False, stop) if stop else shape.work(False))
+                if stop < shape.chunks and not stats["stops"]:
+                    log(f"ttt: budget: projected eval clock {budget.projected(shape.work(True, stop), rest_score[i + 1]):.0f}s > "
+                        f"TTT_BUDGET_SECONDS {h.ttt_budget_seconds:.0f}s at batch {i + 1}/{len(shapes)} of rank {rank}; "
+                        f"scoring without updates while adapting does not fit")
+                stats["stops"] += stop < shape.chunks
+                stats["adapted_batches"] += stop == shape.chunks
+                stats["targets"] += int(shape.lengths.sum())
+                stats["adapted_targets"] += shape.targets_before(stop)
+                i += 1
+        if k < len(plan.phase_docs):
+            phase = Work(sgd_token=sum(n for _, n in plan.phase_docs[k]) / plan.world_size)
+            if agree(budget.fits(phase, rest_adapt[i])):
+                budget.timed(phase, lambda: run_phase(k))
+                stats["phases"] += 1
+            else:
+                log(f"ttt: budget: phase {k + 1} skipped: it would not leave time to adapt the rest")
+    return stats
 
 
 def sgd_on_tokens(run, model, train_fn, opt, tokens, lr, epochs):
@@ -1530,7 +1725,7 @@ def sgd_on_tokens(run, model, train_fn, opt, tokens, lr, epochs):
     mine = [i for i in range(seqs) if i % run.world_size == run.rank]
     for group in opt.param_groups:
         group["lr"] = lr
-    for _ in range(epochs):
+    for _ in range(epochs if seqs else 0):
         for i in mine:
             chunk = tokens[i * L:(i + 1) * L + 1]
             with run.autocast:
@@ -1545,48 +1740,77 @@ def sgd_on_tokens(run, model, train_fn, opt, tokens, lr, epochs):
         opt.zero_grad(set_to_none=True)
 
 
-def ttt_sgd(run, model, train_fn, scorer, logits_fn, t_eval):
+def sgd_epoch(run, model, train_fn, tokens, lr, epochs=1):
+    """A fresh SGD optimizer over `tokens` in TTT_SGD_CHUNK chunks, LR cosine-decayed over them (a phase's step)."""
+    K = run.h.ttt_sgd_chunk
+    chunks = max((tokens.numel() - 1) // K, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=run.h.ttt_sgd_momentum)
+    for c in range(chunks):
+        sgd_on_tokens(run, model, train_fn, opt, tokens[c * K:(c + 1) * K + 1], lr * 0.5 * (1 + math.cos(math.pi * c / max(chunks - 1, 1))), epochs)
+
+
+def agree_all(run, ok):
+    """True only if every rank says True (one all-reduce: every rank runs the same collectives)."""
+    return bool(run.all_reduce(torch.tensor(float(not ok), device=run.device), dist.ReduceOp.MAX).item() == 0)
+
+
+def ttt_sgd(run, model, train_fn, scorer, logits_fn, budget):
     """The stream in TTT_SGD_CHUNK chunks: each chunk's sliding windows are scored first, then the model trains on
-    that chunk (TTT_SGD_EPOCHS steps, LR cosine over chunks); the last chunk is never trained on."""
-    h, n, K = run.h, scorer.n, run.h.ttt_sgd_chunk
+    that chunk (TTT_SGD_EPOCHS steps, LR cosine over chunks) if the budget allows; the last chunk is never trained on."""
+    h, n, K, W = run.h, scorer.n, run.h.ttt_sgd_chunk, run.world_size
     starts = window_starts(n, h.eval_seq_len, h.eval_stride)
     first = torch.where(starts == 0, 0, starts + h.eval_seq_len - h.eval_stride)  # each window's first scored target
     chunks = (n + K - 1) // K
+    windows_after = (len(starts) - torch.bincount(first // K, minlength=chunks).cumsum(0)).tolist()  # windows of later chunks
     opt = torch.optim.SGD(model.parameters(), lr=h.ttt_sgd_lr, momentum=h.ttt_sgd_momentum)
-    clock, progress = TTTClock(run, t_eval, chunks), Progress(run.log, "ttt_sgd", chunks, "chunks")
+    progress = Progress(run.log, "ttt_sgd", chunks, "chunks", lambda: budget.outlook)
+    stats = {"batches": chunks - 1, "adapted_batches": 0, "stops": 0}
+    train = Work(sgd_token=K / W * h.ttt_sgd_epochs)
     for c in range(chunks):
-        windows = starts[(first // K) == c]
-        mine = rank_slice(windows, run.rank, run.world_size)
-        score_windows(logits_fn, scorer, mine, h.eval_seq_len, h.eval_stride, h.eval_batch_seqs)
-        if c < chunks - 1 and clock.adapting:
+        mine = rank_slice(starts[(first // K) == c], run.rank, W)
+        budget.timed(Work(window_pass=len(mine) * h.eval_seq_len),
+                     lambda: score_windows(logits_fn, scorer, mine, h.eval_seq_len, h.eval_stride, h.eval_batch_seqs))
+        rest = Work(window_pass=windows_after[c] / W * h.eval_seq_len)
+        budget.note(rest + Work(sgd_token=train["sgd_token"] * max(chunks - 1 - c, 0)), rest)
+        if c < chunks - 1 and agree_all(run, budget.fits(train, rest)):
             lr = h.ttt_sgd_lr * 0.5 * (1 + math.cos(math.pi * c / max(chunks - 1, 1)))
-            sgd_on_tokens(run, model, train_fn, opt, scorer.tokens[c * K:(c + 1) * K + 1], lr, h.ttt_sgd_epochs)
-        clock.update(1)
+            budget.timed(train, lambda: sgd_on_tokens(run, model, train_fn, opt, scorer.tokens[c * K:(c + 1) * K + 1], lr, h.ttt_sgd_epochs))
+            stats["adapted_batches"] += 1
+        elif c < chunks - 1:
+            if not stats["stops"]:
+                run.log(f"ttt: budget: projected eval clock {budget.projected(train):.0f}s > TTT_BUDGET_SECONDS "
+                        f"{h.ttt_budget_seconds:.0f}s at chunk {c + 1}/{chunks}; scoring without updates while adapting does not fit")
+            stats["stops"] += 1
         progress.step()
-    return clock.stopped_after
+    return stats
 
 
 class LoRA(nn.Module):
-    """Per-document low-rank adapters for test-time training: for each document of a batch (a row), one pair
+    """Per-document low-rank adapters for test-time training: for each row of a batch (one document), one pair
     (A, B) per target (q, k, v, o, an MLP bypass) and virtual layer, and one on the LM head. delta(x) =
-    (alpha/rank)·x·Aᵀ·Bᵀ. `reset(batch)` draws A from a generator seeded by the batch number and zeroes B (the
-    adapters start as no change), so a batch's scores do not depend on which rank ran the batch before it."""
+    (alpha/rank)·x·Aᵀ·Bᵀ. A stays warm along a lane (the records' PR 1767: it keeps directions that helped earlier
+    documents); B starts each batch at zero, so an adapter starts as no change."""
 
-    def __init__(self, model, h, rows):
+    def __init__(self, model, h):
         super().__init__()
-        d, kv = h.model_dim, h.num_kv_heads * (h.model_dim // h.num_heads)
+        d, kv, rows = h.model_dim, h.num_kv_heads * (h.model_dim // h.num_heads), max(h.ttt_batch_docs, 2)
         slots, r = len(model.looped if model.looping else model.plain), h.ttt_lora_rank
         shapes = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "mlp": (d, d)}
-        self.A = nn.ParameterDict({k: nn.Parameter(torch.empty(slots, rows, r, i)) for k, (i, o) in shapes.items()})
+        self.A = nn.ParameterDict({k: nn.Parameter(torch.zeros(slots, rows, r, i)) for k, (i, o) in shapes.items()})
         self.B = nn.ParameterDict({k: nn.Parameter(torch.zeros(slots, rows, o, r)) for k, (i, o) in shapes.items()})
-        self.head_A, self.head_B = nn.Parameter(torch.empty(rows, r, d)), nn.Parameter(torch.zeros(rows, h.vocab_size, r))
-        self.scale, self.seed = h.ttt_lora_alpha / r, h.seed
+        self.head_A, self.head_B = nn.Parameter(torch.zeros(rows, r, d)), nn.Parameter(torch.zeros(rows, h.vocab_size, r))
+        self.scale = h.ttt_lora_alpha / r
 
     @torch.no_grad()
-    def reset(self, batch):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + batch)
+    def start_lane(self, seed):
+        """A drawn from U(-1/sqrt(in), 1/sqrt(in)) by a generator on the device (no host draws), B zero."""
+        g = torch.Generator(device=self.head_A.device).manual_seed(seed)
         for a in [*self.A.values(), self.head_A]:
-            a.copy_(torch.rand(a.shape, generator=g).mul_(2).sub_(1).mul_(a.size(-1) ** -0.5))  # U(-1/sqrt(in), 1/sqrt(in))
+            a.uniform_(-a.size(-1) ** -0.5, a.size(-1) ** -0.5, generator=g)
+        self.clear_b()
+
+    @torch.no_grad()
+    def clear_b(self):
         for b in [*self.B.values(), self.head_B]:
             b.zero_()
 
@@ -1601,76 +1825,66 @@ class LoRA(nn.Module):
         return self.delta(self.head_A, self.head_B, x)
 
 
-def document_spans(tokens):
-    """[(first target, number of targets)] per document: a document runs from its BOS to the next BOS (whose
-    prediction is its last target)."""
-    starts = torch.nonzero(tokens[:-1] == BOS_ID).flatten().tolist()
-    starts = ([0] if not starts or starts[0] != 0 else []) + starts
-    ends = starts[1:] + [tokens.numel() - 1]
-    return [(s, e - s) for s, e in zip(starts, ends) if e > s]
-
-
-def ttt_lora(run, model, lora_fn, train_fn, scorer, t_eval):
-    """Documents longest first, TTT_BATCH_DOCS at a time (batches spread over the ranks in rounds): each document
-    is scored TTT_CHUNK targets at a time with up to EVAL_SEQ_LEN of its own earlier tokens as context; after a
-    chunk is scored, its adapters take one AdamW step on that chunk's loss. Optional TTT_PHASES: once that many
-    documents are scored, one epoch of full-model SGD on all of them."""
-    h, L, C = run.h, run.h.eval_seq_len, run.h.ttt_chunk
-    docs = sorted(document_spans(scorer.tokens.cpu()), key=lambda d: -d[1])
-    batches = [docs[i:i + h.ttt_batch_docs] for i in range(0, len(docs), h.ttt_batch_docs)]
-    rounds = (len(batches) + run.world_size - 1) // run.world_size
-    phases = [int(x) for x in h.ttt_phases.split(",") if x.strip()]
-    lora = LoRA(model, h, h.ttt_batch_docs).to(run.device)
-    sgd = torch.optim.SGD(model.parameters(), lr=h.ttt_sgd_lr, momentum=h.ttt_sgd_momentum) if phases else None
+def ttt_lora(run, model, lora_fn, train_fn, lora, scorer, budget):
+    """Score-first LoRA TTT over the plan (TTTPlan): each batch of documents chunk by chunk (score_documents), each
+    lane's A warm from batch to batch, B and the optimizer fresh per batch; at each TTT_PHASES count, one epoch of
+    full-model SGD on the documents scored so far (a fresh optimizer, LR TTT_PHASE_LR cosine)."""
+    h = run.h
+    plan = TTTPlan(document_spans(scorer.tokens.cpu()), h, run.world_size)
+    progress = Progress(run.log, "ttt_lora", len(plan.rank_batches(run.rank)), "batches", lambda: budget.outlook)
     model.requires_grad_(False)  # only the adapters learn, except in phases
-    clock, progress = TTTClock(run, t_eval, rounds), Progress(run.log, "ttt_lora", rounds, "rounds")
-    for k in range(rounds):
-        scored_docs = batches[:k * run.world_size]
-        while phases and clock.adapting and sum(len(b) for b in scored_docs) >= phases[0]:
-            run.log(f"ttt: phase: full-model SGD on the {sum(len(b) for b in scored_docs)} documents scored so far", console=False)
-            stream = torch.cat([scorer.tokens[s:s + n + 1] for b in scored_docs for s, n in b])
-            model.requires_grad_(True)
-            K = h.ttt_sgd_chunk
-            for c in range((stream.numel() - 1) // K or 1):
-                lr = h.ttt_sgd_lr * 0.5 * (1 + math.cos(math.pi * c / max((stream.numel() - 1) // K, 1)))
-                sgd_on_tokens(run, model, train_fn, sgd, stream[c * K:(c + 1) * K + 1], lr, 1)
-            model.requires_grad_(False)
-            phases.pop(0)
-        g = k * run.world_size + run.rank
-        if g < len(batches):
-            lora.reset(g)
-            score_documents(run, lora_fn, lora, scorer, batches[g], clock.adapting)
-        clock.update(1)
+
+    def score_batch(batch, adapt, keep_adapting):
+        stop = score_documents(run, lora_fn, lora, scorer, batch, adapt, keep_adapting)
         progress.step()
+        return stop
+
+    def run_phase(k):
+        docs = plan.phase_docs[k]
+        run.log(f"ttt: phase {k + 1}: full-model SGD on the first {len(docs)} documents scored", console=False)
+        stream = torch.cat([scorer.tokens[s:s + n] for s, n in docs] + [scorer.tokens.new_tensor([BOS_ID])])
+        model.requires_grad_(True)
+        sgd_epoch(run, model, train_fn, stream, h.ttt_phase_lr)
+        model.requires_grad_(False)
+
+    stats = drive_lora_ttt(plan, run.rank, h, budget, score_batch,
+                           lambda k, lane: lora.start_lane((h.seed * 1000 + k) * 1000 + lane),
+                           run_phase, lambda ok: agree_all(run, ok), run.log)
     model.requires_grad_(True)
-    return clock.stopped_after
+    return stats
 
 
-def score_documents(run, lora_fn, lora, scorer, batch, adapt):
-    """One batch of documents (longest first), chunk by chunk: score, then (adapt) one step of their adapters.
-    lora_fn is the model's forward_logits (compiled or plain)."""
+def score_documents(run, lora_fn, lora, scorer, batch, adapt, keep_adapting=lambda c: True):
+    """One batch of documents (longest first), chunk by chunk: score, then (while adapting) one AdamW step of their
+    adapters. lora_fn is the model's forward_logits (compiled or plain). Gradients are on whether or not it adapts,
+    so a stop runs the graph already compiled. Returns the first chunk scored without updates (0: none adapted)."""
     h, L, C = run.h, run.h.eval_seq_len, run.h.ttt_chunk
+    shape = BatchShape([n for _, n in batch], h)
+    lora.clear_b()
     opt = torch.optim.AdamW(lora.parameters(), lr=h.ttt_lora_lr, betas=(0.0, 0.99), eps=1e-10, weight_decay=h.ttt_lora_wd)
-    first = torch.tensor([s for s, _ in batch], device=run.device)
-    length = torch.tensor([n for _, n in batch], device=run.device)
-    for c in range((batch[0][1] + C - 1) // C):
-        rows = sum(n > c * C for _, n in batch)  # longest first: the active documents are a prefix
-        end = torch.clamp(length[:rows], max=(c + 1) * C)
+    first = torch.tensor([s for s, _ in batch] + [0], device=run.device)
+    length = torch.tensor([n for _, n in batch] + [0], device=run.device)  # a padding row of no document
+    stop = shape.chunks if adapt else 0
+    for c, rows in enumerate(shape.rows.tolist()):
+        if c < stop and c and not keep_adapting(c):
+            stop = c
+        active = torch.clamp(torch.arange(rows, device=run.device), max=len(batch))  # rows past the batch: padding
+        end = torch.clamp(length[active], max=(c + 1) * C)
         begin = torch.clamp(end - L, min=0)
-        width = int((end - begin).max())
-        offset = begin[:, None] + torch.arange(width, device=run.device)  # positions inside each document
-        targets = first[:rows, None] + offset
+        offset = begin[:, None] + torch.arange(int(shape.widths[c]), device=run.device)  # positions inside each document
+        targets = first[active, None] + offset
         valid = offset < end[:, None]
         scored = valid & (offset >= c * C)
         x = scorer.tokens[targets.clamp(max=scorer.n)] * valid  # right-padding (after every scored position)
-        with torch.set_grad_enabled(adapt), run.autocast:
+        with torch.enable_grad(), run.autocast:
             nll = token_nll(lora_fn(x, lora), scorer.tokens[(targets + 1).clamp(max=scorer.n)])
         scorer.add(nll, targets, scored)
-        learn = scored & (length[:rows, None] > end[:, None])  # only documents that still have chunks to score
-        if adapt and learn.any():
+        learn = scored & (length[active, None] > end[:, None])  # only documents that still have chunks to score
+        if c < stop and learn.any():
             ((nll * learn).sum() / learn.sum()).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+    return stop
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1742,8 +1956,8 @@ class Logger:
 class Progress:
     """Console-only progress of a long phase: done/total, rate and time left, every PROGRESS_SECONDS."""
 
-    def __init__(self, log, label, total, unit):
-        self.log, self.label, self.total, self.unit = log, label, total, unit
+    def __init__(self, log, label, total, unit, note=None):
+        self.log, self.label, self.total, self.unit, self.note = log, label, total, unit, note
         self.done, self.t0 = 0, time.perf_counter()
         self.t_last = self.t0
 
@@ -1755,7 +1969,7 @@ class Progress:
             self.t_last = now
             rate = self.done / (now - self.t0)
             self.log(f"{self.label}: {self.done}/{self.total} {self.unit} ({100 * self.done / self.total:.0f}%), "
-                     f"{rate:.1f} {self.unit}/s, ~{(self.total - self.done) / rate:.0f}s left", file=False)
+                     f"{rate:.1f} {self.unit}/s, " + (self.note() if self.note else f"~{(self.total - self.done) / rate:.0f}s left"), file=False)
 
 
 def write_atomic(path, data):
@@ -2079,27 +2293,35 @@ def export(run, trained, hessians):
 
 
 def compile_ttt(run, model):
-    """(train_fn, lora_fn): the model's loss and its adapted logits, compiled (LoRA shapes vary: dynamic) and warmed
-    up on random tokens inside the eval clock, or plain if COMPILE is off or a graph fails to compile (logged).
-    The warm-up's gradients are dropped; nothing is stepped."""
+    """(train_fn, lora_fn, lora): the model's loss (only where TTT=sgd or phases train the model) and its adapted
+    logits (TTT=lora; dynamic shapes: rows and window widths vary), compiled and warmed up on random tokens inside the
+    eval clock, each graph once, as TTT runs it: lora_fn with gradients on and the model frozen (rows and width kept
+    apart and above 1, so no size is specialised); or plain if COMPILE is off or a graph fails to compile (logged).
+    The warm-ups' gradients are dropped; nothing is stepped."""
     h, dev = run.h, run.device
+    lora = LoRA(model, h).to(dev) if h.ttt == "lora" else None
+    needs_train = h.ttt == "sgd" or (h.ttt == "lora" and any(x.strip() for x in h.ttt_phases.split(",")))
     if not run.compile:
-        return model, model.forward_logits
-    train_fn, lora_fn = torch.compile(model, dynamic=False, fullgraph=True), torch.compile(model.forward_logits, dynamic=True, fullgraph=True)
+        return model if needs_train else None, model.forward_logits, lora
+    train_fn = torch.compile(model, dynamic=False, fullgraph=True) if needs_train else None
+    lora_fn = torch.compile(model.forward_logits, dynamic=True, fullgraph=True) if lora is not None else None
     try:
         with run.autocast:
-            train_fn(*torch.randint(0, h.vocab_size, (2, 1, h.eval_seq_len), device=dev)).backward()
-            if h.ttt == "lora":  # as ttt_lora runs it: the model frozen, only the adapters learn
-                lora = LoRA(model, h, h.ttt_batch_docs).to(dev)
+            if train_fn is not None:
+                train_fn(*torch.randint(0, h.vocab_size, (2, 1, h.eval_seq_len), device=dev)).backward()
+            if lora_fn is not None:
                 model.requires_grad_(False)
-                for rows, width in ((h.ttt_batch_docs, h.eval_seq_len), (max(h.ttt_batch_docs // 2, 1), h.eval_seq_len // 2 + 1)):
-                    lora_fn(torch.randint(0, h.vocab_size, (rows, width), device=dev), lora).float().sum().backward()
+                rows = lora.head_A.size(0)
+                width = h.eval_seq_len - 1 if h.eval_seq_len - 1 != rows else h.eval_seq_len - 2
+                lora_fn(torch.randint(0, h.vocab_size, (rows, max(width, 3)), device=dev), lora).float().sum().backward()
     except Exception as error:  # noqa: BLE001  TTT still runs, uncompiled
         run.log(f"ttt: compile failed ({type(error).__name__}: {str(error)[:200]}); running TTT uncompiled")
-        train_fn, lora_fn = model, model.forward_logits
+        train_fn, lora_fn = model if needs_train else None, model.forward_logits
     model.requires_grad_(True)
     model.zero_grad(set_to_none=True)
-    return train_fn, lora_fn
+    if lora is not None:
+        lora.zero_grad(set_to_none=True)
+    return train_fn, lora_fn, lora
 
 
 def evaluate_artifact(run, data, artifact):
@@ -2109,7 +2331,6 @@ def evaluate_artifact(run, data, artifact):
     h, log = run.h, run.log
     run.phase = "evaluation of the artifact"
     t_eval = time.perf_counter()
-    torch.manual_seed(h.seed)  # TTT's adapters start from random A: the same seed scores the same numbers
     state = dequantize_state(deserialize_quantized(Path(artifact).read_bytes()))
     _, val_tokens = load_validation_tokens(h.data_path, h.eval_seq_len)
     model = build_model(h).to(run.device)
@@ -2119,7 +2340,7 @@ def evaluate_artifact(run, data, artifact):
     except RuntimeError as error:
         raise ConfigError(f"the artifact {artifact} does not fit a model built from these settings: {str(error)[:300]}") from None
     logits_fn = make_logits_fn(model, run.compile, run.autocast)
-    train_fn, lora_fn = compile_ttt(run, model) if h.ttt != "off" else (None, None)
+    train_fn, lora_fn, lora = compile_ttt(run, model) if h.ttt != "off" else (None, None, None)
     if run.compile:  # compile on random tokens, never validation tokens: the graph evaluation uses
         logits_fn(torch.randint(0, h.vocab_size, (h.eval_batch_seqs, h.eval_seq_len), device=run.device))
     log(f"val_loader:shards tokens:{val_tokens.numel() - 1} (read inside the eval clock)")
@@ -2140,10 +2361,15 @@ def evaluate_artifact(run, data, artifact):
                 score_windows(logits_fn, scorer, mine, h.eval_seq_len, h.eval_stride, h.eval_batch_seqs,
                               Progress(log, tag, len(mine), "windows"))
             else:
-                stopped = (ttt_sgd(run, model, train_fn, scorer, logits_fn, t_eval) if h.ttt == "sgd"
-                           else ttt_lora(run, model, lora_fn, train_fn, scorer, t_eval))
-                log(f"ttt: {h.ttt}: {'adapted throughout' if stopped is None else f'adaptation stopped after {stopped} units (budget)'}; "
-                    f"{scorer.batches} scoring batches on rank {run.rank}")
+                budget = TTTBudget(h.ttt_budget_seconds, t_eval, sync=run.sync)
+                s = (ttt_sgd(run, model, train_fn, scorer, logits_fn, budget) if h.ttt == "sgd"
+                     else ttt_lora(run, model, lora_fn, train_fn, lora, scorer, budget))
+                share = f" ({100 * s['adapted_targets'] / max(s['targets'], 1):.1f}% of its targets)" if "targets" in s else ""
+                log(f"ttt: {h.ttt}: rank {run.rank} adapted {s['adapted_batches']}/{s['batches']} "
+                    f"{'batches' if h.ttt == 'lora' else 'chunks'}{share}"
+                    + (f", {s['phases']} phase(s)" if "phases" in s else "") + "; "
+                    + ("adapted throughout" if not s["stops"] else f"{s['stops']} scored without updates (budget)")
+                    + f"; {scorer.batches} scoring batches")
             res = scorer.result(run.world_size)
             if h.dump_nll and run.master:
                 scorer.dump(h.dump_nll)
