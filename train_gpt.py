@@ -1524,22 +1524,28 @@ class Work(dict):
 
 
 class CostModel:
-    """Seconds for a Work: each kind's prior cost times a factor fitted to measured times (least squares, factors
-    kept above a floor, pulled faintly towards one common scale), so the projection follows the machine and the mix
-    of work as the run goes; a kind never measured keeps its prior ratio to the others."""
+    """Seconds for a Work: each kind's prior cost times the factor of its group (LoRA adapting, LoRA scoring, SGD,
+    sliding windows), fitted to measured times by least squares with a pull towards one common scale worth half an
+    observation, so the projection follows the machine as the run goes; a group never measured keeps its prior ratio
+    to the others. Within a group the prior's proportions stay: fitting each kind alone let one odd measurement
+    (a batch's first chunks) swing a single factor by orders of magnitude."""
+
+    GROUPS = {"token_pass": 0, "chunk_step": 0, "batch": 0, "score_pass": 1, "score_step": 1, "sgd_token": 2, "window_pass": 3}
 
     def __init__(self, prior=None):
         self.prior = dict(prior or TTT_PRIOR)
-        k = len(self.prior)
-        self.zz, self.zy, self.z2, self.z_sum, self.y_sum, self.n = np.zeros((k, k)), np.zeros(k), np.zeros(k), 0.0, 0.0, 0
-        self.factors, self.errors = np.ones(k), []
+        self.zz, self.zy, self.z2, self.z_sum, self.y_sum, self.n = np.zeros((4, 4)), np.zeros(4), np.zeros(4), 0.0, 0.0, 0
+        self.factors, self.errors = np.ones(4), []
 
     def error(self):
         """The largest relative error of the last 8 predictions, before each was measured (0 before any)."""
         return min(max(self.errors, default=0.0), 1.0)
 
     def features(self, work):
-        return np.array([c * work.get(name, 0) for name, c in self.prior.items()])
+        z = np.zeros(4)
+        for kind, count in work.items():
+            z[self.GROUPS[kind]] += self.prior[kind] * count
+        return z
 
     def seconds(self, work):
         return float(self.factors @ self.features(work))
@@ -1551,14 +1557,8 @@ class CostModel:
         self.zy += z * seconds
         self.z2, self.z_sum, self.y_sum, self.n = self.z2 + z * z, self.z_sum + z.sum(), self.y_sum + seconds, self.n + 1
         scale = self.y_sum / max(self.z_sum, 1e-12)
-        A, b = self.zz + np.diag(1e-3 * self.z2 / self.n + 1e-24), self.zy + (1e-3 * self.z2 / self.n + 1e-24) * scale
-        free = np.ones(len(b), dtype=bool)
-        for _ in range(len(b)):  # non-negative least squares by active set: a factor that fits below the floor is held there
-            self.factors = np.where(free, 0.0, 0.05 * scale)
-            self.factors[free] = np.linalg.solve(A[free][:, free], b[free] - A[free][:, ~free] @ self.factors[~free])
-            if (self.factors[free] >= 0.05 * scale).all():
-                break
-            free &= self.factors >= 0.05 * scale
+        pull = 0.5 * self.z2 / self.n + 1e-24
+        self.factors = np.clip(np.linalg.solve(self.zz + np.diag(pull), self.zy + pull * scale), 0.05 * scale, None)
 
 
 class TTTBudget:

@@ -53,7 +53,8 @@ def two_datasets(tmp_path_factory, smoke_dataset):
 
 def eval_dump(dataset, artifact, out_dir, mode, nproc=1, **extra):
     dump = out_dir / "nll.npz"
-    env = tiny_run_env(dataset, EVAL_ARTIFACT=str(artifact), DUMP_NLL=str(dump), TTT=mode, RUN_ID="eval", **TTT_SMALL, **extra)
+    settings = {**TTT_SMALL, "TTT_BUDGET_SECONDS": "1e6", **extra}  # no budget stop unless a test asks for one
+    env = tiny_run_env(dataset, EVAL_ARTIFACT=str(artifact), DUMP_NLL=str(dump), TTT=mode, RUN_ID="eval", **settings)
     proc, log = run_train(env, out_dir, nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dict(np.load(dump)), log
