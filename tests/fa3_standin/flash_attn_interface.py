@@ -52,16 +52,18 @@ def _check_lengths(cu, total, max_seqlen):
         raise RuntimeError(f"max_seqlen {max_seqlen} is below the longest sequence {int(lengths.max())}")
 
 
-def _probs(q, k, cu_q, cu_k, scale, causal):
-    """fp32 softmax probabilities (H, total_q, total_k) of packed sequences, GQA heads expanded, and the row lse."""
-    rows_q, rows_k = torch.arange(q.size(0), device=q.device), torch.arange(k.size(0), device=k.device)
-    seq_q = torch.searchsorted(cu_q[1:], rows_q, right=True)
-    seq_k = torch.searchsorted(cu_k[1:], rows_k, right=True)
-    allowed = seq_q[:, None] == seq_k[None, :]
-    if causal:  # bottom-right aligned: query i of a sequence sees keys up to i + len_k - len_q
-        pos_q = rows_q - cu_q[seq_q] + (cu_k[seq_q + 1] - cu_k[seq_q]) - (cu_q[seq_q + 1] - cu_q[seq_q])
-        allowed &= (rows_k - cu_k[seq_k])[None, :] <= pos_q[:, None]
+def _sequences(cu_q, cu_k):
+    """(q rows, k rows) slices of each non-empty sequence of a packed batch."""
+    bounds = zip(cu_q.tolist(), cu_q[1:].tolist(), cu_k.tolist(), cu_k[1:].tolist())
+    return [(slice(a, b), slice(c, d)) for a, b, c, d in bounds if b > a and d > c]
+
+
+def _probs(q, k, scale, causal):
+    """fp32 softmax probabilities (H, len_q, len_k) of one sequence, GQA heads expanded, and the row lse."""
     scores = torch.einsum("qhd,khd->hqk", q.float(), _expand(k, q)) * scale
+    allowed = torch.ones(q.size(0), k.size(0), dtype=torch.bool, device=q.device)
+    if causal:  # bottom-right aligned: query i sees keys up to i + len_k - len_q
+        allowed = allowed.tril(k.size(0) - q.size(0))
     lse = torch.logsumexp(scores.masked_fill(~allowed, float("-inf")), -1)
     return torch.exp(scores - lse[..., None]).masked_fill(~allowed, 0.0), lse  # a row with no key gives zeros, as FA3
 
@@ -76,8 +78,12 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, 
     CALLS[entry] += 1  # counted here, where it runs (inside a compiled graph the Python wrapper ran once, at trace time)
     _check_lengths(cu_q, q.size(0), max_q)
     _check_lengths(cu_k, k.size(0), max_k)
-    probs, lse = _probs(q, k, cu_q.long(), cu_k.long(), scale, causal)
-    return torch.einsum("hqk,khd->qhd", probs, _expand(v, q)).to(q.dtype).contiguous(), lse
+    out = q.new_zeros(q.shape)
+    lse = torch.full((q.size(1), q.size(0)), float("-inf"), device=q.device)
+    for rq, rk in _sequences(cu_q, cu_k):  # sequence by sequence: the reference never builds a cross-sequence matrix
+        probs, lse[:, rq] = _probs(q[rq], k[rk], scale, causal)
+        out[rq] = torch.einsum("hqk,khd->qhd", probs, _expand(v[rk], q)).to(q.dtype)
+    return out, lse
 
 
 @_fwd.register_fake
@@ -88,16 +94,19 @@ def _(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, entry):
 @torch.library.custom_op("fa3_standin::bwd", mutates_args=())
 def _bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
          scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The attention backward in closed form, fp32 (autograd does not run inside a custom op's kernel)."""
-    probs, _ = _probs(q, k, cu_q.long(), cu_k.long(), scale, causal)
-    do, vf, group = dout.float(), _expand(v, q), q.size(1) // k.size(1)
-    dv = torch.einsum("hqk,qhd->khd", probs, do)
-    dp = torch.einsum("qhd,khd->hqk", do, vf)
-    ds = probs * (dp - (dp * probs).sum(-1, keepdim=True)) * scale
-    dq = torch.einsum("hqk,khd->qhd", ds, _expand(k, q))
-    dk = torch.einsum("hqk,qhd->khd", ds, q.float())
+    """The attention backward in closed form, fp32, sequence by sequence (autograd does not run inside a kernel)."""
+    dq, dk, dv = (torch.zeros(t.shape, device=t.device) for t in (q, k, v))
+    group = q.size(1) // k.size(1)
     fold = lambda g: g.view(g.size(0), k.size(1), group, g.size(-1)).sum(2)  # GQA: sum over a KV head's query heads
-    return tuple(g.to(t.dtype).contiguous() for g, t in ((dq, q), (fold(dk), k), (fold(dv), v)))
+    for rq, rk in _sequences(cu_q, cu_k):
+        probs, _ = _probs(q[rq], k[rk], scale, causal)
+        do = dout[rq].float()
+        dv[rk] = fold(torch.einsum("hqk,qhd->khd", probs, do))
+        dp = torch.einsum("qhd,khd->hqk", do, _expand(v[rk], q))
+        ds = probs * (dp - (dp * probs).sum(-1, keepdim=True)) * scale
+        dq[rq] = torch.einsum("hqk,khd->qhd", ds, _expand(k[rk], q))
+        dk[rk] = fold(torch.einsum("hqk,qhd->khd", ds, q[rq].float()))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 @_bwd.register_fake
