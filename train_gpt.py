@@ -40,6 +40,7 @@ try:  # FlashAttention 3 (Hopper); SDPA is the fallback everywhere else
     from flash_attn_interface import flash_attn_varlen_func as fa3_varlen_attention
 except ImportError:
     fa3_attention = fa3_varlen_attention = None
+FA3_WHEEL_TORCH = "2.9.1"  # the torch the README's FA3 wheel (cu128_torch291, the records' pairing) was built for
 
 # ----------------------------------------------------------------------------------------------------
 # Hyperparameters: (env name, kind, default, lower bound, meaning). kind is int, float, bool, str,
@@ -99,7 +100,7 @@ HYPERPARAMETERS = [
     ("LOOP_REPEATS", int, 2, 1, "extra passes over LOOP_LAYERS"),
     ("LOOP_START_FRAC", float, 0.35, 0, "fraction of the training clock (or steps) after which the loop is on"),
     ("PARALLEL_START", str, "auto", None, "first layer with two-lane residuals (auto: the last 3, after any loop; off)"),
-    ("FA3", bool, True, None, "use flash_attn_interface (FA3) when it imports on CUDA"),
+    ("FA3", ("1", "0", "force"), "1", None, "flash_attn_interface (FA3) if it imports and traces on CUDA (0: SDPA; force: FA3 on any device, an error if it does not import)"),
     # optimizer
     ("MATRIX_LR", float, 0.026, 0, "Muon LR for block matrices"),
     ("MUON_WD", float, 0.095, 0, "Muon decoupled weight decay"),
@@ -433,10 +434,10 @@ class DistributedTokenLoader:
     """Each micro-step takes the next world_size*local_tokens/seq_len sequences (of seq_len+1 tokens, the last one
     the final target); rank r keeps the r-th share. Sequences are shuffled windows (`WindowSampler`, when a seed is
     given) or consecutive stretches of the shards in order, each rank's share one stretch (the baseline's loader).
-    A background thread cuts the next (inputs, targets) (into pinned memory on CUDA) while the device works, so the
-    step never waits on disk, a pageable copy or a split."""
+    A background thread cuts the next (inputs, targets, FA3 varlen document starts when `starts`, else None) (into
+    pinned memory on CUDA) while the device works, so the step never waits on disk, a pageable copy or a split."""
 
-    def __init__(self, files, rank, world_size, device, local_tokens, seq_len, shuffle_seed=None, prefetch=2):
+    def __init__(self, files, rank, world_size, device, local_tokens, seq_len, shuffle_seed=None, prefetch=2, starts=False):
         self.device = device
         self.ready = queue.Queue(maxsize=prefetch)
         rows = local_tokens // seq_len
@@ -457,6 +458,8 @@ class DistributedTokenLoader:
                 while True:
                     batch = next_rows()
                     pair = [torch.from_numpy(np.ascontiguousarray(part)) for part in (batch[:, :-1], batch[:, 1:])]
+                    if starts:
+                        pair.append(document_starts(pair[0]))
                     self.ready.put([t.pin_memory() for t in pair] if device.type == "cuda" else pair)
             except DataError as error:
                 self.ready.put(error)
@@ -467,7 +470,8 @@ class DistributedTokenLoader:
         batch = self.ready.get()
         if isinstance(batch, DataError):
             raise batch
-        return tuple(t.to(self.device, non_blocking=True) for t in batch)
+        x, y, *cu = (t.to(self.device, non_blocking=True) for t in batch)
+        return x, y, dynamic_length((cu or [None])[0])
 
 
 def load_validation_tokens(data_path, seq_len):
@@ -590,39 +594,65 @@ def exclusive_self_attention(y, v):
     return (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
 
 
-def document_bounds(ids, use_fa3):
-    """What attention needs to stay inside documents (one starts at every BOS and every row start). FA3: varlen
-    sequence starts as a fixed-size int32 array (every row start plus room for a document per 64 tokens, padded
-    with the total length, so the compiled graph is static; rows never merge, but in a row of even shorter
-    documents the ones past that room attend to their row's earlier ones). SDPA: a boolean (B, 1, T, T) mask,
-    same document and causal."""
+CU_SEQLENS_BUCKET = 64  # cu_seqlens padded to a multiple of this many entries (the records'): few distinct shapes
+
+
+def dynamic_length(cu_seqlens):
+    """Marks the document count dynamic, so one compiled graph serves every batch (dynamic=False would compile one
+    per size, inside the training clock); None passes through."""
+    if cu_seqlens is not None:
+        torch._dynamo.mark_dynamic(cu_seqlens, 0)
+    return cu_seqlens
+
+
+def document_starts(ids, bucket=CU_SEQLENS_BUCKET):
+    """FA3 varlen's cu_seqlens for the rows `ids` (B, T) laid end to end: the int32 offset of every document start
+    (each BOS and each row start), then the total, padded with the total (empty sequences) to a multiple of `bucket`
+    entries. bucket=0: B*T+1 entries, the most there can be, a static size for a compiled graph given none."""
     B, T = ids.shape
-    starts = ids == BOS_ID
-    starts[:, 0] = True
-    if use_fa3:
-        n, pos = B * T, torch.arange(B * T, device=ids.device)
-        key = torch.where(pos % T == 0, pos - n, torch.where(starts.flatten(), pos, n))  # row starts sort first
-        kept = torch.sort(key).values[:B * (1 + T // 64)]
-        kept = torch.sort(torch.where(kept < 0, kept + n, kept)).values
-        return F.pad(kept, (0, 1), value=n).to(torch.int32)
-    doc = starts.cumsum(1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
-    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+    starts = (ids == BOS_ID).flatten()
+    starts[::T] = True
+    pos = torch.arange(B * T, dtype=torch.int32, device=ids.device)
+    if not bucket:
+        return F.pad(torch.where(starts, pos, B * T).sort().values, (0, 1), value=B * T)
+    found = pos[starts]
+    return F.pad(found, (0, -(-(found.numel() + 1) // bucket) * bucket - found.numel()), value=B * T)
 
 
-def causal_attention(q, k, v, use_fa3, docs=None):
-    """Causal GQA attention on (B, T, H, D), inside documents when `docs` (document_bounds) is given: FA3 (varlen)
-    where it imports and traces, else SDPA (flash backend on CUDA, or a masked kernel for documents)."""
-    B, T = q.shape[:2]
-    if use_fa3 and docs is not None:
-        y = fa3_varlen_attention(q.reshape(B * T, *q.shape[2:]), k.reshape(B * T, *k.shape[2:]), v.reshape(B * T, *v.shape[2:]),
-                                 docs, docs, T, T, causal=True)
-        return (y[0] if isinstance(y, tuple) else y).view(q.shape)
+def document_mask(ids):
+    """SDPA's (B, 1, T, T) boolean mask: same document (one starts at each BOS and each row start) and causal."""
+    T = ids.size(1)
+    doc = ((ids == BOS_ID) | (torch.arange(T, device=ids.device) == 0)).cumsum(1)
+    return ((doc[:, :, None] == doc[:, None, :]) & torch.ones(T, T, dtype=torch.bool, device=ids.device).tril())[:, None]
+
+
+def fa3_output(y):
+    return y[0] if isinstance(y, (tuple, list)) else y  # FA3 builds differ: (out, softmax_lse) or out alone
+
+
+def attention_kernel(ids, use_fa3, doc_isolation, cu_seqlens=None):
+    """The attention every layer of one forward runs, (B, T, H, D) q, k, v -> y: causal and GQA, inside documents
+    with doc_isolation: FA3's varlen kernel at the document starts (cu_seqlens, else computed here), or SDPA with a
+    document mask and the KV heads repeated (CUDA's masked kernel, memory-efficient, takes no GQA). Without
+    documents: FA3, or SDPA's flash kernel (GQA, no mask)."""
+    B, T = ids.shape
+    if doc_isolation and use_fa3:
+        cu = cu_seqlens if cu_seqlens is not None else document_starts(ids, 0 if torch.compiler.is_compiling() else CU_SEQLENS_BUCKET)
+
+        def varlen(q, k, v):
+            rows = [t.reshape(B * T, *t.shape[2:]) for t in (q, k, v)]
+            return fa3_output(fa3_varlen_attention(*rows, cu, cu, T, T, causal=True)).view(q.shape)
+        return varlen
     if use_fa3:
-        y = fa3_attention(q, k, v, causal=True)
-        return y[0] if isinstance(y, tuple) else y
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=docs,
-                                          is_causal=docs is None, enable_gqa=k.size(2) != q.size(2)).transpose(1, 2)
+        return lambda q, k, v: fa3_output(fa3_attention(q, k, v, causal=True))
+    mask = document_mask(ids) if doc_isolation else None
+
+    def sdpa(q, k, v):
+        if mask is not None:
+            k, v = (t.repeat_interleave(q.size(2) // k.size(2), 2) for t in (k, v))
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                              is_causal=mask is None, enable_gqa=k.size(2) != q.size(2)).transpose(1, 2)
+    return sdpa
 
 
 def activation_dtype(device_type):
@@ -646,9 +676,8 @@ class CausalSelfAttention(nn.Module):
         # sparse output gate: sigmoid(0.5 * W x[:12]) per head, W zero-init (g = 0.5)
         self.attn_gate = nn.Parameter(torch.zeros(h.num_heads, 12)) if h.attn_gate else None
         self.ve_lambda = nn.Parameter(torch.ones(())) if h.ve_dim and layer in h.ve_layers else None
-        self.use_fa3 = h.fa3 and fa3_attention is not None
 
-    def forward(self, x, ve=None, docs=None, adapt=None):
+    def forward(self, x, attend, ve=None, adapt=None):
         B, T, _ = x.shape
         q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
         if adapt is not None:  # test-time LoRA deltas
@@ -663,7 +692,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, freqs.cos(), freqs.sin()), apply_rope(k, freqs.cos(), freqs.sin())
         q = (q * self.q_gain[:, None]).to(v.dtype)
         k = k.to(v.dtype)
-        y = causal_attention(q, k, v, self.use_fa3 and q.is_cuda, docs)
+        y = attend(q, k, v)
         if self.xsa:
             y = exclusive_self_attention(y, v)
         if self.attn_gate is not None:
@@ -704,16 +733,16 @@ class Block(nn.Module):
         x = self.norm(x)
         return self.mlp(x) if adapt is None else self.mlp(x) + adapt("mlp", x)  # TTT's MLP bypass
 
-    def forward(self, x, x0, ve=None, docs=None, adapt=None):
+    def forward(self, x, x0, attend, ve=None, adapt=None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x), ve, docs, adapt)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x), attend, ve, adapt)
         return x + self.mlp_scale.to(x.dtype) * self.mlp_out(x, adapt)
 
-    def forward_lanes(self, a, m, x0, ve=None, docs=None, adapt=None):
+    def forward_lanes(self, a, m, x0, attend, ve=None, adapt=None):
         """Parallel residuals: attention reads lane A (mixed with x0), the MLP reads lane M, both write to both."""
         mix = self.resid_mix.to(a.dtype)
-        attn = self.attn_scale.to(a.dtype) * self.attn(self.norm(mix[0] * a + mix[1] * x0), ve, docs, adapt)
+        attn = self.attn_scale.to(a.dtype) * self.attn(self.norm(mix[0] * a + mix[1] * x0), attend, ve, adapt)
         mlp = self.mlp_scale.to(a.dtype) * self.mlp_out(m, adapt)
         r, p = self.lane_resid.to(a.dtype), self.lane_post.to(a.dtype)
         return r[0] * a + p[0, 0] * attn + p[1, 0] * mlp, r[1] * m + p[0, 1] * attn + p[1, 1] * mlp
@@ -782,7 +811,8 @@ class GPT(nn.Module):
         self.ve = ValueEmbedding(h.vocab_size, h.ve_dim, kv_dim) if h.ve_dim else None
         self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
         self.doc_isolation, self.lanes_from = h.doc_isolation, h.lanes_from
-        self.use_fa3 = h.fa3 and fa3_attention is not None
+        # the one switch of every layer's kernel (gpu_check flips it); FA3=1 wants CUDA, FA3=force any device
+        self.use_fa3 = h.fa3 == "force" or (h.fa3 == "1" and fa3_attention is not None and torch.cuda.is_available())
         # depth recurrence: the virtual layer order runs LOOP_LAYERS again (shared weights); `looping` switches it
         self.plain = list(range(h.num_layers))
         a, b = h.loop or (0, -1)
@@ -799,8 +829,19 @@ class GPT(nn.Module):
                 elif h.ortho_init and min(module.weight.shape) >= 64:
                     nn.init.orthogonal_(module.weight)
 
-    def forward_logits(self, input_ids, lora=None):
-        """Logits of every position; `lora` (test-time adapters, one slot per virtual layer) adds its deltas."""
+    @property
+    def varlen(self):
+        """Whether attention takes FA3 varlen document starts (document_starts of the input rows)."""
+        return self.doc_isolation and self.use_fa3
+
+    def starts_of(self, ids):
+        """The FA3 document starts of rows built outside the loader (evaluation, TTT phases), computed outside the
+        compiled graph with a dynamic length; None when attention does not take them."""
+        return dynamic_length(document_starts(ids)) if self.varlen else None
+
+    def forward_logits(self, input_ids, lora=None, cu_seqlens=None):
+        """Logits of every position; `lora` (test-time adapters, one slot per virtual layer) adds its deltas, on rows
+        that each hold one document: plain causal attention. cu_seqlens: document_starts(input_ids), if known."""
         x = self.tok_emb(input_ids).to(activation_dtype(input_ids.device.type))
         if self.bigram is not None:
             x = x + self.bigram(input_ids).to(x.dtype)
@@ -808,8 +849,7 @@ class GPT(nn.Module):
             x = self.smear(x, input_ids)
         x = x0 = rms_norm(x)
         ve = self.ve(input_ids) if self.ve is not None else None
-        # a TTT row (lora) holds one document: plain causal attention is exact there
-        docs = document_bounds(input_ids, self.use_fa3 and input_ids.is_cuda) if self.doc_isolation and lora is None else None
+        attend = attention_kernel(input_ids, self.use_fa3, self.doc_isolation and lora is None, cu_seqlens)
         order = self.looped if self.looping else self.plain
         encoder, skips, lanes = len(order) // 2, [], None
         for pos, i in enumerate(order):
@@ -822,9 +862,9 @@ class GPT(nn.Module):
                 x, lanes = (target, None) if lanes is None else (x, (target, lanes[1]))
             adapt = None if lora is None else lora.slot(pos)
             if j >= 0 and self.lanes_from is not None and i >= self.lanes_from:
-                lanes = block.forward_lanes(*(lanes or (x, x)), x0, ve, docs, adapt)
+                lanes = block.forward_lanes(*(lanes or (x, x)), x0, attend, ve, adapt)
             else:
-                x = block(x, x0, ve, docs, adapt)
+                x = block(x, x0, attend, ve, adapt)
             if pos < encoder:
                 skips.append(x)
         if lanes is not None:
@@ -833,8 +873,8 @@ class GPT(nn.Module):
         logits = F.linear(x, self.tok_emb.weight) if lora is None else F.linear(x, self.tok_emb.weight) + lora.head(x)
         return self.logit_softcap * torch.tanh(logits.float() / self.logit_softcap)
 
-    def forward(self, input_ids, target_ids):
-        logits = self.forward_logits(input_ids)
+    def forward(self, input_ids, target_ids, cu_seqlens=None):
+        logits = self.forward_logits(input_ids, None, cu_seqlens)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), target_ids.reshape(-1))
 
     def set_qat(self, alpha):
@@ -1490,13 +1530,14 @@ def evaluate(logits_fn, tokens, luts, seq_len, stride, batch_seqs, rank=0, world
 
 
 def make_logits_fn(model, compile_model, autocast):
-    """Inference logits (no_grad, autocast): compiled, one graph, the same for the warm-up and every batch."""
+    """Inference logits (no_grad, autocast): compiled, one graph (the FA3 document starts, computed here outside the
+    graph, have a dynamic size), the same for the warm-up and every batch."""
     fn = torch.compile(model.forward_logits, dynamic=False, fullgraph=True) if compile_model else model.forward_logits
 
     @torch.no_grad()
     def logits(x):
         with autocast:
-            return fn(x)
+            return fn(x, None, model.starts_of(x))
     return logits
 
 
@@ -1729,7 +1770,7 @@ def sgd_on_tokens(run, model, train_fn, opt, tokens, lr, epochs):
         for i in mine:
             chunk = tokens[i * L:(i + 1) * L + 1]
             with run.autocast:
-                (train_fn(chunk[:-1][None], chunk[1:][None]) / seqs).backward()
+                (train_fn(chunk[:-1][None], chunk[1:][None], model.starts_of(chunk[:-1][None])) / seqs).backward()
         for p in model.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -2020,32 +2061,51 @@ def setup_distributed():
     return rank, world_size, device
 
 
+def sdpa_backends(h):
+    """SDPA kernels enabled on CUDA: flash (causal, GQA, no mask; letting SDPA choose was measured ~9 % slower) and,
+    for document masks, memory-efficient (takes the mask, not GQA: attention_kernel repeats the KV heads)."""
+    return {"flash": True, "mem_efficient": h.doc_isolation, "math": False, "cudnn": False}
+
+
 def configure_attention(run):
-    """FA3 if it imports and traces (forward and backward) under fullgraph compile, else SDPA; on CUDA SDPA is held
-    to its flash backend (letting it choose was measured ~9 % slower). Returns what runs, for the log."""
-    h = run.h
-    if not run.is_cuda:
-        h.fa3 = False
+    """FA3 if it imports and traces (forward and backward) under fullgraph compile, else SDPA (h.fa3 becomes "0");
+    FA3=force insists on FA3 on any device. Returns what runs, for the log; warns what a fallback costs."""
+    h, log = run.h, run.log
+    if h.fa3 == "force" and fa3_attention is None:
+        raise ConfigError("FA3=force but flash_attn_interface does not import (install the wheel in the README)")
+    if run.is_cuda:
+        for backend, on in sdpa_backends(h).items():
+            getattr(torch.backends.cuda, f"enable_{backend}_sdp")(on)
+    elif h.fa3 != "force":
+        h.fa3 = "0"
         return "sdpa (CPU)"
-    # without FA3, document masks need SDPA's memory-efficient kernel (the flash one takes no mask)
-    for backend, on in (("flash", True), ("mem_efficient", h.doc_isolation), ("math", False), ("cudnn", False)):
-        getattr(torch.backends.cuda, f"enable_{backend}_sdp")(on)
-    sdpa = "sdpa " + ("masked (memory-efficient) backend for documents" if h.doc_isolation else "flash backend")
-    if not h.fa3 or fa3_attention is None:
-        h.fa3 = False
-        return f"{sdpa} (" + ("FA3=0" if fa3_attention else "flash_attn_interface is not installed") + ")"
+    sdpa = "sdpa " + ("memory-efficient backend with a document mask, KV heads repeated" if h.doc_isolation else "flash backend")
+    cost = "; WARNING: without FA3 steps run ~9% slower (the records' FA3 vs SDPA), see the README for the wheel" if run.is_cuda else ""
+    if h.fa3 == "0" or fa3_attention is None:
+        why = "FA3=0" if h.fa3 == "0" else "flash_attn_interface is not installed"
+        h.fa3 = "0"
+        return f"{sdpa} ({why}{cost if why != 'FA3=0' else ''})"
+    if not run.bf16:  # FA3 takes fp16/bf16 only
+        if h.fa3 == "force":
+            raise ConfigError("FA3=force needs BF16=1: flash_attn_interface takes only fp16/bf16 inputs")
+        h.fa3 = "0"
+        return f"{sdpa} (BF16=0: FA3 takes only fp16/bf16{cost})"
+    if run.is_cuda and not torch.__version__.startswith(FA3_WHEEL_TORCH):
+        log(f"WARNING: torch {torch.__version__}, but the README's FA3 wheel is built for torch {FA3_WHEEL_TORCH}+cu128: "
+            f"a mismatched wheel can fail to load or crash; install the pair the README names")
     try:
         ids = torch.randint(2, 100, (2, 256), device=run.device)
         ids[:, 100] = BOS_ID
         q = torch.randn(2, 256, 4, 64, device=run.device, dtype=torch.bfloat16, requires_grad=True)
         kv = torch.randn(2, 256, 2, 64, device=run.device, dtype=torch.bfloat16, requires_grad=True)
-        docs = (lambda i: document_bounds(i, True)) if h.doc_isolation else (lambda i: None)
-        traced = torch.compile(lambda i, q, k, v: causal_attention(q, k, v, True, docs(i)), fullgraph=True, dynamic=False)
-        traced(ids, q, kv, kv).float().square().sum().backward()
+        traced = torch.compile(lambda i, cu, q, k, v: attention_kernel(i, True, h.doc_isolation, cu)(q, k, v), fullgraph=True, dynamic=False)
+        traced(ids, document_starts(ids), q, kv, kv).float().square().sum().backward()
         return f"fa3 (flash_attn_interface{', varlen at document starts' if h.doc_isolation else ''}, traced under torch.compile fullgraph)"
     except Exception as error:  # noqa: BLE001  any failure means: do not use it
-        h.fa3 = False
-        return f"{sdpa} (FA3 failed to trace: {type(error).__name__}: {str(error)[:200]})"
+        if h.fa3 == "force":
+            raise
+        h.fa3 = "0"
+        return f"{sdpa} (FA3 failed to trace: {type(error).__name__}: {str(error)[:200]}{cost})"
 
 
 class Run:
@@ -2055,8 +2115,8 @@ class Run:
         self.h, self.rank, self.world_size, self.device, self.log = h, rank, world_size, device, log
         self.master, self.is_cuda = rank == 0, device.type == "cuda"
         self.compile = self.is_cuda if h.compile is None else h.compile
-        self.autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                                       enabled=self.is_cuda if h.bf16 is None else h.bf16)
+        self.bf16 = self.is_cuda if h.bf16 is None else h.bf16
+        self.autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.bf16)
         if self.compile:  # several graphs (loop on/off, Muon's matrix shapes) must all stay cached
             torch._dynamo.config.cache_size_limit = 64
         self.output_dir = Path(h.output_dir)
@@ -2126,7 +2186,7 @@ def train(run, data):
 
     def new_loader():  # a fresh loader replays the same batches (the warm-up's are rolled back with the weights)
         return DistributedTokenLoader(data.train_files, run.rank, run.world_size, device, local_tokens, h.train_seq_len,
-                                      h.seed if h.shuffle_windows else None)
+                                      h.seed if h.shuffle_windows else None, starts=model.varlen)
 
     model = build_model(h).to(device)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
@@ -2148,11 +2208,11 @@ def train(run, data):
     def train_step(step, loader, lr_scale):
         total = torch.zeros((), device=device)
         for micro in range(accum):
-            x, y = loader.next_batch()
+            x, y, cu_seqlens = loader.next_batch()
             if run.world_size > 1:
                 train_model.require_backward_grad_sync = micro == accum - 1
             with run.autocast:
-                loss = train_model(x, y)
+                loss = train_model(x, y, cu_seqlens)
             (loss / accum).backward()
             total += loss.detach()
         if h.grad_clip_norm:
@@ -2308,7 +2368,8 @@ def compile_ttt(run, model):
     try:
         with run.autocast:
             if train_fn is not None:
-                train_fn(*torch.randint(0, h.vocab_size, (2, 1, h.eval_seq_len), device=dev)).backward()
+                x, y = torch.randint(0, h.vocab_size, (2, 1, h.eval_seq_len), device=dev)
+                train_fn(x, y, model.starts_of(x)).backward()
             if lora_fn is not None:
                 model.requires_grad_(False)
                 rows = lora.head_A.size(0)

@@ -231,14 +231,14 @@ def test_distributed_loader_ranks_partition_stream(three_shards, world_size, loc
         chunk = [next(ref) for _ in range(world_size * span)]
         seen = []
         for r, loader in enumerate(loaders):
-            x, y = loader.next_batch()
+            x, y, _ = loader.next_batch()
             assert x.shape == y.shape == (local_tokens // seq_len, seq_len)
             assert x.dtype == y.dtype == torch.int64
             mine = _loader_chunk(x, y)
             assert mine == chunk[r * span:(r + 1) * span]  # disjoint, in stream order
             seen.extend(mine)
             # one rank making world_size consecutive calls sees exactly what rank r sees
-            x1, y1 = single.next_batch()
+            x1, y1, _ = single.next_batch()
             assert torch.equal(x1, x) and torch.equal(y1, y)
         assert seen == chunk  # together (x plus the +1 target) they cover exactly the chunk
 
@@ -278,8 +278,8 @@ def test_distributed_loader_deterministic(three_shards):
     a = train_gpt.DistributedTokenLoader(files, 1, 2, torch.device("cpu"), 6, 3)
     b = train_gpt.DistributedTokenLoader(files, 1, 2, torch.device("cpu"), 6, 3)
     for _ in range(6):
-        xa, ya = a.next_batch()
-        xb, yb = b.next_batch()
+        xa, ya, _ = a.next_batch()
+        xb, yb, _ = b.next_batch()
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
@@ -346,12 +346,12 @@ def test_shuffled_loader_ranks_partition_the_global_batch(tmp_path, world_size, 
     for _ in range(12):  # crosses epochs
         expected = reference.take(rows * world_size)
         for r, loader in enumerate(loaders):
-            x, y = loader.next_batch()
+            x, y, _ = loader.next_batch()
             assert x.shape == y.shape == (rows, seq_len) and x.dtype == y.dtype == torch.int64
             assert torch.equal(x[:, 1:], y[:, :-1])
             share = torch.from_numpy(expected[r * rows:(r + 1) * rows])
             assert torch.equal(x, share[:, :-1]) and torch.equal(y, share[:, 1:])
-            x1, y1 = single.next_batch()  # one rank's consecutive micro-steps see what the ranks see
+            x1, y1, _ = single.next_batch()  # one rank's consecutive micro-steps see what the ranks see
             assert torch.equal(x1, x) and torch.equal(y1, y)
 
 # ----------------------------------------------------------------------------------------------------

@@ -124,6 +124,16 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     assert "---- the run's log" in report and "final_int6_sliding_window_exact" in report
 
 
+def test_gpu_check_two_rank_run_on_cpu(tmp_path, monkeypatch):
+    """The check's 2-rank run (NCCL on a node with two GPUs) works: here over gloo, FA3 through the stand-in, eager."""
+    import gpu_check
+
+    monkeypatch.setitem(gpu_check.CPU_SIZE, "COMPILE", "0")
+    lines = []
+    gpu_check.two_rank_check(True, tmp_path, lines.append)
+    assert len(lines) == 1 and lines[0].startswith("check: 2-rank gloo run: ok"), lines
+
+
 @needs_compiler
 def test_loop_switch_costs_no_recompile_after_the_warm_up():
     """The rolled-back warm-up compiles the graph with the loop off and on; switching it on mid-run (and back)

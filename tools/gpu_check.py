@@ -5,12 +5,16 @@
 
 It builds the smoke dataset (tools/smoke_data.py, no download) and runs train_gpt's own phases on it with settings
 for a measurement, so what it proves is the code a real run executes: the attention kernel (FA3 present and
-traceable under torch.compile, or the logged fallback), the model compiled with fullgraph and bf16 autocast,
-gradient accumulation 8, at least 30 timed steps (ms/step, tokens/s, an MFU estimate, peak memory), Hessians,
-GPTQ and export of the model (time, bytes), and the evaluation: its compile inside the eval clock (the TTT graphs
-too) and the final pass's rate (LoRA TTT by default) projected to the full FineWeb validation set on 8 GPUs.
-At --cpu the final pass is sliding windows (TTT=off), which keeps the check short. Each check prints one
-`check:` line; the exit code is 1 if any failed. The numbers are measurements of this machine only.
+traceable under torch.compile; any fallback to SDPA FAILs unless FA3=0 is set), FA3's varlen attention against
+SDPA's document mask in the trained model, the model compiled with fullgraph and bf16 autocast, gradient
+accumulation 8, at least 30 timed steps (ms/step, tokens/s, MFU counting the depth-recurrence passes, measured
+ms/step against the FLOP count, peak memory), Hessians, GPTQ and export of the model (time, bytes), the
+evaluation: its compile inside the eval clock (the TTT graphs too; an eager fallback FAILs) and the final pass's
+rate (LoRA TTT by default) projected to the full FineWeb validation set on 8 GPUs, and, when two or more GPUs
+are visible, two training steps of a 2-rank NCCL run (torchrun). At --cpu the attention is FA3 through the test
+stand-in (tests/fa3_standin, unless another flash_attn_interface imports first) and the final pass is sliding
+windows (TTT=off), which keeps the check short. Each check prints one `check:` line; the exit code is 1 if any
+failed. The numbers are measurements of this machine only.
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import smoke_data  # noqa: E402
 
+STANDIN = ROOT / "tests" / "fa3_standin"
+
 H100_BF16_DENSE_FLOPS = 989e12  # H100/H200 SXM peak dense bf16, the MFU denominator
 FINEWEB_VAL_TARGETS = {1024: 62_021_632, 8192: 40_540_160}  # the official validation set, for the projection
 TIMED_STEPS, WARMUP_STEPS = 32, 3
@@ -38,7 +44,7 @@ TIMED_STEPS, WARMUP_STEPS = 32, 3
 CPU_SIZE = dict(NUM_LAYERS="3", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2", ROPE_DIMS="8",
                 BIGRAM_BUCKETS="64", BIGRAM_DIM="16", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS=str(8 * 2 * 64),
                 EVAL_BATCH_SEQS="8", EVAL_STRIDE="16", MUON_MOMENTUM_WARMUP_STEPS="10",
-                TTT="off")  # compiling the TTT graphs for the CPU would double this check; tests/test_ttt.py runs TTT
+                TTT="off", FA3="force")  # compiling the TTT graphs for the CPU would double this check; tests/test_ttt.py runs TTT
 
 
 def settings(cpu, work):
@@ -57,24 +63,51 @@ def step_times(log):
     return {int(s): float(t) for s, t in re.findall(r"^step:(\d+)/\d+ train_loss:\S+ train_time:(\d+)ms", log, re.M)}
 
 
-def model_flops_per_token(h, n_params):
-    """6 N (forward + backward of every weight) plus causal attention: 6 T d per layer pass, as usual for MFU."""
-    return 6 * n_params + 6 * h.num_layers * h.train_seq_len * h.model_dim
+def model_flops_per_token(model, seq_len, looping):
+    """Training FLOPs per token, as usual for MFU: 6 x every weight a token multiplies through (a looped layer's once
+    per pass, the tied embedding as LM head; table lookups are free) plus causal attention, 6 T d per layer pass."""
+    import train_gpt
+
+    def linear(module):
+        return sum(m.weight.numel() for m in module.modules() if isinstance(m, train_gpt.CastedLinear))
+    order = model.looped if looping else model.plain
+    outside = linear(model) - sum(linear(b) for b in model.blocks) + model.tok_emb.weight.numel()
+    return 6 * (sum(linear(model.blocks[i]) for i in order) + outside) + 6 * len(order) * seq_len * model.tok_emb.weight.size(1)
+
+
+def two_rank_check(cpu, work, report):
+    """Two training steps of the small model on 2 ranks (torchrun; NCCL on GPUs): DDP, its all-reduces and the
+    distributed evaluation run."""
+    env = {**os.environ, **settings(cpu, work), **CPU_SIZE, "ITERATIONS": "2", "WARMUP_STEPS": "1", "RUN_ID": "gpu_check_2rank",
+           "GPTQ_CALIB_BATCHES": "1", "OMP_NUM_THREADS": "1"}
+    if cpu:  # the ranks import the stand-in too, after any flash_attn_interface already on PYTHONPATH
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(STANDIN)) if p)
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True, timeout=480, cwd=str(work))
+    log = (work / "logs" / "gpu_check_2rank.txt").read_text() if (work / "logs" / "gpu_check_2rank.txt").exists() else ""
+    ok = proc.returncode == 0 and "world_size:2" in log and "summary: val_bpb:" in log
+    report(f"check: 2-rank {'gloo' if cpu else 'NCCL'} run: {'ok' if ok else 'FAIL'} 2 steps, export and evaluation on 2 ranks "
+           f"in {time.perf_counter() - t:.0f}s" + ("" if ok else f"; exit {proc.returncode}: {proc.stderr[-1500:]}"))
 
 
 def run_check(cpu, work, report):
     import torch
+    if cpu:
+        try:
+            import flash_attn_interface  # noqa: F401  one first on PYTHONPATH wins
+        except ImportError:
+            sys.path.insert(0, str(STANDIN))
     import train_gpt
 
     os.environ.update(settings(cpu, work))
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        os.environ.pop(name, None)
     t = time.perf_counter()
     run = train_gpt.start_run()
     h = run.h
     report(f"device: {train_gpt.describe_hardware(run.device, 1)}; torch {torch.__version__}")
     kernel = re.search(r"^attention: (.*)$", Path(run.log.path).read_text(), re.M).group(1)
-    report(f"check: attention kernel: ok {kernel}")
+    fallback = os.environ.get("FA3", "1") != "0" and not kernel.startswith("fa3")
+    report(f"check: attention kernel: {'FAIL fell back to' if fallback else 'ok'} {kernel}")
     if not cpu and not run.is_cuda:
         report("check: CUDA: FAIL torch.cuda.is_available() is False (use --cpu on a machine without a GPU)")
         return
@@ -84,36 +117,42 @@ def run_check(cpu, work, report):
     trained = train_gpt.train(run, data)
     log = Path(run.log.path).read_text()
     times = step_times(log)
-    n_params = sum(p.numel() for p in trained.model.parameters())
     first, last = min(times), max(times)
     ms = (times[last] - times[first]) / (last - first)
     tokens = h.train_batch_tokens
-    mfu = model_flops_per_token(h, n_params) * tokens / (ms / 1000) / H100_BF16_DENSE_FLOPS
     report(f"check: compiled training (fullgraph, bf16 autocast, grad accumulation {h.batch_layout(1)[0]}): ok "
            f"{len(times)} steps after {WARMUP_STEPS} warm-up steps; training phase {time.perf_counter() - t:.1f}s incl. compile")
     loop_on = re.search(r"^loop:on step:(\d+)", log, re.M)
+    switch = int(loop_on.group(1)) if loop_on else last
+    phases = [(False, first, switch), (True, switch, last)] if h.loop else [(False, first, last)]
     if h.loop:
         report(f"check: depth-recurrence switch: {'ok' if loop_on else 'FAIL'} "
-               + (f"on at step {loop_on.group(1)}; step times before/after "
-                  f"{(times[int(loop_on.group(1))] - times[first]) / max(int(loop_on.group(1)) - first, 1):.1f}/"
-                  f"{(times[last] - times[int(loop_on.group(1))]) / max(last - int(loop_on.group(1)), 1):.1f} ms"
-                  if loop_on else "the loop never switched on"))
+               + (f"on at step {switch}" if loop_on else "the loop never switched on"))
     report(f"check: step time: ok {ms:.1f} ms/step over steps {first}..{last} at {tokens} tokens/step = "
-           f"{tokens / (ms / 1000):,.0f} tokens/s on 1 device" + ("" if cpu else f"; MFU ~{100 * mfu:.1f}% of 989 TFLOP/s"))
+           f"{tokens / (ms / 1000):,.0f} tokens/s on 1 device")
+    for looping, a, b in phases:  # the FLOPs each step does (the loop's extra passes included) against its time
+        if b - a < 2:
+            continue
+        phase_ms = (times[b] - times[a]) / (b - a)
+        flops = model_flops_per_token(trained.model, h.train_seq_len, looping) * tokens
+        report(f"check: FLOPs vs step time, loop {'on' if looping else 'off'}: ok {flops / 1e9:,.1f} GFLOP/step = "
+               f"{1000 * flops / H100_BF16_DENSE_FLOPS:.3g} ms at 989 TFLOP/s; measured {phase_ms:.1f} ms/step over steps "
+               f"{a}..{b}" + ("" if cpu else f" = MFU {100 * flops / (phase_ms / 1000) / H100_BF16_DENSE_FLOPS:.1f}%"))
     if run.is_cuda:
         report(f"check: peak memory: ok {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated, "
                f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB reserved (of {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)")
 
-    if run.is_cuda and h.doc_isolation:  # the kernel that runs (FA3 varlen or SDPA mask) against the SDPA mask
+    if h.doc_isolation:  # the kernel that runs (FA3 varlen or SDPA mask) against the SDPA mask, in every layer
         ids = data.val_tokens[:4 * h.train_seq_len].view(4, -1).to(run.device)
+        docs = int(train_gpt.document_starts(ids, 1).numel()) - 1
         with torch.no_grad(), run.autocast:
             got = trained.model.forward_logits(ids).float()
-            use_fa3, trained.model.use_fa3 = trained.model.use_fa3, False
+            use_fa3, trained.model.use_fa3 = trained.model.use_fa3, False  # the one switch every layer reads
             ref = trained.model.forward_logits(ids).float()
             trained.model.use_fa3 = use_fa3
         diff = (got - ref).abs().max().item()
         report(f"check: document-isolated attention, {'FA3 varlen' if use_fa3 else 'SDPA mask'} vs SDPA mask: "
-               f"{'ok' if diff < 0.1 else 'FAIL'} max |logit diff| {diff:.4f} (bf16 kernels)")
+               f"{'ok' if diff < 0.1 else 'FAIL'} max |logit diff| {diff:.4f} over {docs} documents in 4 rows (bf16 kernels)")
     hessians = train_gpt.calibrate(run, trained)
     t = time.perf_counter()
     artifact = train_gpt.export(run, trained, hessians)
@@ -128,8 +167,8 @@ def run_check(cpu, work, report):
     pass_ms = float(re.search(rf"^{tag} val_loss:\S+ val_bpb:\S+ eval_time:(\d+)ms", log, re.M).group(1))
     n_targets = data.val_tokens.numel() - 1
     rate = n_targets / (pass_ms / 1000)
-    uncompiled = "ttt: compile failed" in log
-    report(f"check: evaluation: {'FAIL' if uncompiled and not cpu else 'ok'} every target scored once; eval clock "
+    uncompiled = re.search(r"^ttt: compile failed", log, re.M)  # a line of the run, not of the source in its header
+    report(f"check: evaluation: {'FAIL' if uncompiled else 'ok'} every target scored once; eval clock "
            f"{results['eval_ms'] / 1000:.1f}s incl. compile (artifact open to last score); {tag} (stride {h.eval_stride}): "
            f"{n_targets} targets in {pass_ms / 1000:.2f}s = {rate:,.0f} targets/s on 1 device"
            + ("; the TTT graphs did not compile and ran eagerly (see the log)" if uncompiled else ""))
@@ -140,6 +179,8 @@ def run_check(cpu, work, report):
                f"{full:,} targets of the FineWeb validation set on 8 such devices (plus the compile above; TTT adaptation "
                f"stops at TTT_BUDGET_SECONDS={h.ttt_budget_seconds:.0f}s of eval clock)")
     report(f"check: run log: {run.log.path}")
+    if run.is_cuda and torch.cuda.device_count() >= 2:
+        two_rank_check(cpu, work, report)
 
 
 def main(argv=None):

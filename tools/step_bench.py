@@ -40,8 +40,7 @@ class Variant:
 
     def step(self):
         for _ in range(self.accum):
-            x, y = self.loader.next_batch()
-            (self.model(x, y) / self.accum).backward()
+            (self.model(*self.loader.next_batch()) / self.accum).backward()
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
