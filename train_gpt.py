@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -47,8 +48,8 @@ except ImportError:
 
 HYPERPARAMETERS = [
     # run and data
-    ("STACK", ("sp1024", "sp8192"), "sp1024", None, "preset of defaults (STACKS below); a variable set explicitly still wins"),
-    ("DATA_PATH", str, "./data/datasets/fineweb10B_sp1024", None, "folder holding fineweb_train_*.bin and fineweb_val_*.bin"),
+    ("STACK", ("sp1024", "sp8192", "caseops"), "sp1024", None, "preset of defaults (STACKS below); a variable set explicitly still wins"),
+    ("DATA_PATH", str, "./data/datasets/fineweb10B_sp1024", None, "folder holding fineweb_train_*.bin, fineweb_val_*.bin and any byte sidecar fineweb_val_bytes_*.bin"),
     ("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_1024_bpe.model", None, "SentencePiece model of the shards"),
     ("VOCAB_SIZE", int, 1024, 2, "model vocabulary; must equal the tokenizer's size"),
     ("RUN_ID", str, "", None, "log name logs/<RUN_ID>.txt (empty: a random id)"),
@@ -103,6 +104,8 @@ HYPERPARAMETERS = [
     # optimizer
     ("MATRIX_LR", float, 0.026, 0, "Muon LR for block matrices"),
     ("MUON_WD", float, 0.095, 0, "Muon decoupled weight decay"),
+    ("WD_TAPER_START_FRAC", float, 1.0, 0, "Muon WD is full until this fraction of training, then linear to WD_TAPER_FINAL_MULT x (1: off)"),
+    ("WD_TAPER_FINAL_MULT", float, 0.5, 0, "Muon WD multiplier at the end of training when tapered"),
     ("MUON_MOMENTUM", float, 0.97, 0, "Muon momentum after warm-up"),
     ("MUON_MOMENTUM_WARMUP_START", float, 0.92, 0, "Muon momentum at step 0"),
     ("MUON_MOMENTUM_WARMUP_STEPS", int, 1500, 0, "steps of linear momentum warm-up"),
@@ -172,6 +175,11 @@ STACKS = {
     "sp8192": {"DATA_PATH": "./data/datasets/fineweb10B_sp8192", "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe.model",
                "VOCAB_SIZE": "8192", "BIGRAM_BUCKETS": "0", "VE_DIM": "0", "EMBED_BITS": "7", "EMBED_CLIP_K": "15"},
 }
+# The records since 04-18: the sp8192 stack on CaseOps text (tools/caseops_data.py; val_bpb charged to the original
+# bytes by the byte sidecar beside the val shards) with Muon's WD tapered to half over the last 30 % of training.
+STACKS["caseops"] = {**STACKS["sp8192"], "DATA_PATH": "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+                     "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
+                     "WD_TAPER_START_FRAC": "0.7", "WD_TAPER_FINAL_MULT": "0.5"}
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
@@ -281,7 +289,7 @@ class Hyperparameters:
         need(self.xsa_last_n <= self.num_layers, f"XSA_LAST_N must be <= NUM_LAYERS ({self.num_layers}); got {self.xsa_last_n}")
         need(not (self.smear_gate or self.attn_gate) or self.model_dim >= 12, "SMEAR_GATE and ATTN_GATE need MODEL_DIM >= 12")
         need(self.bigram_buckets != 1, "BIGRAM_BUCKETS must be 0 (off) or >= 2")
-        for name in ("WARMDOWN_FRAC", "MIN_LR", "SWA_START_LR_SCALE", "QAT_START_LR_SCALE", "LOOP_START_FRAC"):
+        for name in ("WARMDOWN_FRAC", "MIN_LR", "SWA_START_LR_SCALE", "QAT_START_LR_SCALE", "LOOP_START_FRAC", "WD_TAPER_START_FRAC"):
             need(getattr(self, name.lower()) <= 1, f"{name} must be in [0, 1]; got {getattr(self, name.lower())}")
         for name in ("EMA_DECAY", "BETA1", "BETA2"):
             need(getattr(self, name.lower()) < 1, f"{name} must be in [0, 1); got {getattr(self, name.lower())}")
@@ -324,7 +332,8 @@ class Hyperparameters:
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
 BOS_ID = 1
 DOWNLOAD_HINT = ("Download the official data with `python3 data/cached_challenge_fineweb.py --variant sp1024` (sp8192: "
-                 "with MATCHED_FINEWEB_REPO_ID=kevclark/parameter-golf) in an openai/parameter-golf checkout and point "
+                 "with MATCHED_FINEWEB_REPO_ID=kevclark/parameter-golf; caseops: with MATCHED_FINEWEB_REPO_ID=romeerp/parameter-golf-caseops-v1 "
+                 "--variant sp8192_lossless_caps_caseops_v1_reserved) in an openai/parameter-golf checkout and point "
                  "DATA_PATH/TOKENIZER_PATH at it (see the README), or run the CPU smoke run with `bash tools/smoke_run.sh`.")
 
 
@@ -353,10 +362,11 @@ def read_shard(path):
 
 
 def find_shards(data_path, split):
+    """fineweb_<split>_<digits>.bin, sorted: a validation byte sidecar (fineweb_val_bytes_*.bin) is no val shard."""
     if not os.path.isdir(data_path):
         raise DataError(f"DATA_PATH {data_path} does not exist. {DOWNLOAD_HINT}")
     pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
-    files = sorted(glob.glob(pattern))
+    files = sorted(f for f in glob.glob(pattern) if re.fullmatch(rf"fineweb_{split}_\d+\.bin", os.path.basename(f)))
     if not files:
         raise DataError(f"no {split} shards match {pattern}. {DOWNLOAD_HINT}")
     return pattern, files
@@ -475,6 +485,20 @@ def load_validation_tokens(data_path, seq_len):
     if usable <= 0:
         raise DataError(f"validation shards {pattern} hold {len(tokens)} tokens, fewer than one {seq_len}-token window")
     return pattern, torch.from_numpy(tokens[:usable + 1].astype(np.int64))
+
+
+def load_byte_sidecar(data_path):
+    """The validation byte sidecar (fineweb_val_bytes_*.bin, the shard format): count i is the original-text UTF-8
+    bytes of validation token i (0 for BOS), for tokens that do not spell their text (CaseOps). None when absent."""
+    if not glob.glob(os.path.join(data_path, "fineweb_val_bytes_*.bin")):
+        return None
+    pattern, files = find_shards(data_path, "val_bytes")
+    counts = np.concatenate([read_shard(f) for f in files])
+    n_tokens = sum(len(read_shard(f)) for f in find_shards(data_path, "val")[1])  # headers only: no token is read
+    if len(counts) != n_tokens:
+        raise DataError(f"the byte sidecar {pattern} holds {len(counts)} counts but the validation shards hold {n_tokens} "
+                        "tokens; it needs one count per token")
+    return pattern, torch.from_numpy(counts.astype(np.int64))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -951,6 +975,14 @@ def lr_multiplier(h, step, elapsed_ms, cap_ms):
     return max((1 - frac) / h.warmdown_frac, h.min_lr)
 
 
+def wd_multiplier(h, frac):
+    """Muon WD x 1 until WD_TAPER_START_FRAC of the run, then linear to WD_TAPER_FINAL_MULT: WD keeps weights
+    compressible early; late, settled weights gain more from less decay (04-18 record)."""
+    if frac <= h.wd_taper_start_frac or h.wd_taper_start_frac >= 1:
+        return 1.0
+    return 1 + (h.wd_taper_final_mult - 1) * min((frac - h.wd_taper_start_frac) / (1 - h.wd_taper_start_frac), 1.0)
+
+
 def muon_momentum(h, step):
     f = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps else 1.0
     return (1 - f) * h.muon_momentum_warmup_start + f * h.muon_momentum
@@ -1414,21 +1446,24 @@ def token_nll(logits, targets):
 class Scorer:
     """Exact float64 sums of nll, targets and bytes over the validation stream; with `record`, every target's nll,
     bytes and the number of the scoring batch that recorded it (DUMP_NLL), and how often it was scored. Target t
-    is the prediction of token t+1 from the tokens up to t."""
+    is the prediction of token t+1 from the tokens up to t. `luts` says what a target is charged: the piece tables
+    (build_byte_luts), or a byte sidecar's counts (one per token of the stream `tokens` begins, load_byte_sidecar),
+    of which target t is charged count t+1, the bytes of the token it predicts."""
 
     def __init__(self, tokens, luts, record=False):
-        self.tokens, self.luts, self.n = tokens.to(luts[0].device), luts, tokens.numel() - 1
-        self.sums = torch.zeros(3, dtype=torch.float64, device=luts[0].device)
+        device = luts.device if torch.is_tensor(luts) else luts[0].device
+        self.tokens, self.luts, self.n = tokens.to(device), luts, tokens.numel() - 1
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.batches, self.record = 0, record
         if record:
-            self.nll, self.bytes, self.order, self.times = (torch.zeros(self.n, dtype=dt, device=luts[0].device)
+            self.nll, self.bytes, self.order, self.times = (torch.zeros(self.n, dtype=dt, device=device)
                                                             for dt in (torch.float64, torch.int32, torch.int64, torch.int32))
 
     def add(self, nll, targets, scored):
         """Record the (detached) nll of the `scored` entries of `targets` (global target indices, any shape)."""
         t = targets.clamp(0, self.n - 1)
         x, y = self.tokens[t], self.tokens[t + 1]
-        nbytes = target_bytes(self.luts, x, y)
+        nbytes = self.luts[t + 1] if torch.is_tensor(self.luts) else target_bytes(self.luts, x, y)
         self.sums += torch.stack([(nll.detach().double() * scored).sum(), scored.sum().double(), (nbytes * scored).sum().double()])
         if self.record:
             keep = t[scored]
@@ -1878,7 +1913,8 @@ def start_run():
 
 
 class Data:
-    """Tokenizer byte tables, the training shard list and (for the diagnostics of a training run: periodic and
+    """What each target is charged (`luts`: the tokenizer's byte tables, or the validation byte sidecar when one sits
+    beside the shards), the training shard list and (for the diagnostics of a training run: periodic and
     pre-quantization validation) the validation tokens. EVAL_ARTIFACT runs read no validation token before the
     eval clock starts; the evaluation of the artifact reads them again inside the clock."""
 
@@ -1886,8 +1922,10 @@ class Data:
         h, log = run.h, run.log
         sp = load_tokenizer(h.tokenizer_path)
         h.check_tokenizer(sp)
-        self.luts = tuple(t.to(run.device) for t in build_byte_luts(sp, h.vocab_size))
+        sidecar = load_byte_sidecar(h.data_path)
+        self.luts = sidecar[1].to(run.device) if sidecar else tuple(t.to(run.device) for t in build_byte_luts(sp, h.vocab_size))
         log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.tokenizer_path}")
+        log(f"val_bytes: {f'byte sidecar {sidecar[0]} ({len(sidecar[1])} counts)' if sidecar else 'piece table of the tokenizer'}")
         val_pattern, _ = find_shards(h.data_path, "val")
         if not h.eval_artifact:
             _, self.train_files = find_shards(h.data_path, "train")
@@ -1931,7 +1969,7 @@ def train(run, data):
         train_model = DDP(train_model, device_ids=[device.index] if run.is_cuda else None, broadcast_buffers=False,
                           gradient_as_bucket_view=True)
 
-    def train_step(step, loader, lr_scale):
+    def train_step(step, loader, lr_scale, wd_scale=1.0):
         total = torch.zeros((), device=device)
         for micro in range(accum):
             x, y = loader.next_batch()
@@ -1947,7 +1985,7 @@ def train(run, data):
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * lr_scale
         for group in optimizers[1].param_groups:
-            group["momentum"] = muon_momentum(h, step)
+            group["momentum"], group["weight_decay"] = muon_momentum(h, step), h.muon_wd * wd_scale
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -1995,15 +2033,15 @@ def train(run, data):
         run.phase = f"training (step {step + 1}/{h.iterations})"
         check_interrupt()
         elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
-        scale = lr_multiplier(h, step, elapsed_ms, cap_ms)
-        if delayed_loop and not model.looping and training_fraction(h, step, elapsed_ms, cap_ms) >= h.loop_start_frac:
+        scale, frac = lr_multiplier(h, step, elapsed_ms, cap_ms), training_fraction(h, step, elapsed_ms, cap_ms)
+        if delayed_loop and not model.looping and frac >= h.loop_start_frac:
             model.looping = True  # the warm-up compiled this graph too: no training time is lost here
             log(f"loop:on step:{step} layers {h.loop[0]}-{h.loop[1]} x{h.loop_repeats + 1} ({len(model.looped)} virtual layers)")
         if h.qat == "late" and not qat_live and scale < h.qat_start_lr_scale:
             model.set_qat(1.0)
             qat_live = True
             log(f"late_qat:on step:{step} lr_scale:{scale:.4f}")
-        loss = train_step(step, loader, scale)
+        loss = train_step(step, loader, scale, wd_multiplier(h, frac))
         step += 1
         averager.update(step, scale)
         approx_ms = train_ms + 1000 * (time.perf_counter() - t0)
