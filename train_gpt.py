@@ -146,6 +146,8 @@ HYPERPARAMETERS = [
     ("ZSTD_LEVEL", int, 22, 1, "zstd level of the model file (each frame is the smaller of zstd and lzma)"),
     ("ARTIFACT_CAP_BYTES", int, 16_000_000, 1, "cap on code + model bytes; export fits under it"),
     ("BUDGET_FILL", bool, True, None, "spend the bytes left under the cap on finer grids where they cut the most error"),
+    ("LQER_TOP_K", int, 0, 0, "LQER: a low-rank correction of the K quantized matrices with the largest error (0: off)"),
+    ("LQER_RANK", int, 4, 1, "LQER rank: A int2 (one scale), B int4 in groups of 64"),
     # evaluation
     ("EVAL_SEQ_LEN", int, 0, 0, "evaluation window (0: TRAIN_SEQ_LEN)"),
     ("EVAL_STRIDE", int, 64, 1, "sliding-window stride"),
@@ -1105,9 +1107,41 @@ def quantize_tensor(w, bits, clip_k, h, hessian=None):
     return {"codes": codes.to(torch.int8).cpu(), "scale": scale.half().cpu(), "bits": bits}, note
 
 
+LQER_GROUP = 64
+
+
+def lqer_factors(error, rank):
+    """LQER (the top record's asymmetric form): the rank-`rank` SVD of a quantization error E ~ A B, A rounded to
+    int2 {-2..1} on one scale, B to int4 {-8..7} with a scale per LQER_GROUP values: a few kB buy back the largest
+    errors."""
+    U, S, Vh = torch.linalg.svd(error.float(), full_matrices=False)
+    A, B = U[:, :rank] * S[:rank], Vh[:rank].reshape(-1, LQER_GROUP)
+    a_scale, b_scale = (A.abs().amax() / 1.5).clamp_min(1e-8).half().view(1), (B.abs().amax(1) / 7.5).clamp_min(1e-8).half()
+    return {"lqer_a": torch.clamp(torch.round(A / a_scale.float()), -2, 1).to(torch.int8), "lqer_a_scale": a_scale,
+            "lqer_b": torch.clamp(torch.round(B / b_scale.float()[:, None]), -8, 7).to(torch.int8).view(rank, -1), "lqer_b_scale": b_scale}
+
+
+def dequantize_entry(e):
+    if "codes" not in e:
+        return e["raw"].float()
+    w = e["codes"].float() * e["scale"].float()[:, None]
+    if "lqer_a" in e:
+        b = (e["lqer_b"].float().view(-1, LQER_GROUP) * e["lqer_b_scale"].float()[:, None]).view(e["lqer_b"].shape)
+        w = w + (e["lqer_a"].float() * e["lqer_a_scale"].float()) @ b
+    return w
+
+
 def dequantize_state(qstate):
-    return {name: (e["codes"].float() * e["scale"].float()[:, None]) if "codes" in e else e["raw"].float()
-            for name, e in qstate.items()}
+    return {name: dequantize_entry(e) for name, e in qstate.items()}
+
+
+def add_lqer(state, qstate, names, h):
+    """{name: factors} for the LQER_TOP_K of `names` with the largest quantization error (Frobenius, as the records)
+    whose B splits into groups."""
+    fits = [n for n in names if h.lqer_rank * state[n].size(1) % LQER_GROUP == 0 and min(state[n].shape) > h.lqer_rank]
+    errors = {n: state[n].detach().float().cpu() - dequantize_entry(qstate[n]) for n in fits}
+    top = sorted(fits, key=lambda n: -float(errors[n].norm()))[:h.lqer_top_k]
+    return {n: lqer_factors(errors[n], h.lqer_rank) for n in top}
 
 
 # Distributed export: rank r handles its share of the tensors (largest first, to the least-loaded rank); every
@@ -1186,14 +1220,23 @@ def compress_code_frames(qstate, names, h, rank=0, world_size=1, log=None):
 
 
 def sixteen_bit_frame(qstate, h):
-    halves = [(e["scale"] if "codes" in e else e["raw"]).numpy().tobytes() for e in qstate.values()]
+    halves = [t.numpy().tobytes() for e in qstate.values() for t in
+              ([e["scale"]] + ([e["lqer_a_scale"], e["lqer_b_scale"]] if "lqer_a" in e else []) if "codes" in e else [e["raw"]])]
     return compress_frame(b"".join(halves), h.zstd_level, False, h.byte_shuffle)
 
 
+def lqer_frame(e, h):
+    """(method, frame) of a tensor's LQER codes (A then B), one frame after its code frame."""
+    return compress_frame(e["lqer_a"].numpy().tobytes() + e["lqer_b"].numpy().tobytes(), h.zstd_level, True)
+
+
 def serialize_quantized(qstate, frames, half_frame):
-    """The artifact from the quantized state, its code frames ({name: (method, frame)}) and the 16-bit frame."""
-    tensors = [[name, list((e["codes"] if "codes" in e else e["raw"]).shape), e.get("bits", 16)] for name, e in qstate.items()]
-    order = [half_frame] + [frames[name] for name, e in qstate.items() if "codes" in e]
+    """The artifact from the quantized state, its code frames ({name: (method, frame)}, and {name + "/lqer": ...}
+    for the LQER codes) and the 16-bit frame. A tensor's header entry gains its LQER rank when it has one."""
+    tensors = [[name, list((e["codes"] if "codes" in e else e["raw"]).shape), e.get("bits", 16)]
+               + ([e["lqer_a"].size(1)] if "lqer_a" in e else []) for name, e in qstate.items()]
+    order = [half_frame] + [frames[key] for name, e in qstate.items() if "codes" in e
+                            for key in [name] + ([name + "/lqer"] if "lqer_a" in e else [])]
     head = json.dumps({"tensors": tensors, "frames": [[m, len(f)] for m, f in order]}).encode()
     return ARTIFACT_MAGIC + len(head).to_bytes(4, "little") + head + b"".join(f for _, f in order)
 
@@ -1207,16 +1250,22 @@ def deserialize_quantized(blob):
         frames.append(decompress_frame(method, blob[offset:offset + size]))
         offset += size
     halves, code_frames, f, out = frames[0], iter(frames[1:]), 0, {}
-    for name, shape, bits in meta["tensors"]:
+
+    def take_halves(k):
+        nonlocal f
+        f += 2 * k
+        return torch.frombuffer(bytearray(halves[f - 2 * k:f]), dtype=torch.float16).clone()
+
+    for name, shape, bits, *lqer in meta["tensors"]:
         if bits <= 8:
-            rows = shape[0]
             out[name] = {"codes": torch.frombuffer(bytearray(next(code_frames)), dtype=torch.int8).view(shape),
-                         "scale": torch.frombuffer(bytearray(halves[f:f + 2 * rows]), dtype=torch.float16).clone(), "bits": bits}
-            f += 2 * rows
+                         "scale": take_halves(shape[0]), "bits": bits}
+            if lqer:
+                r, codes = lqer[0], torch.frombuffer(bytearray(next(code_frames)), dtype=torch.int8)
+                out[name].update(lqer_a=codes[:shape[0] * r].view(shape[0], r), lqer_b=codes[shape[0] * r:].view(r, shape[1]),
+                                 lqer_a_scale=take_halves(1), lqer_b_scale=take_halves(r * shape[1] // LQER_GROUP))
         else:
-            k = math.prod(shape)
-            out[name] = {"raw": torch.frombuffer(bytearray(halves[f:f + 2 * k]), dtype=torch.float16).view(shape).clone()}
-            f += 2 * k
+            out[name] = {"raw": take_halves(math.prod(shape)).view(shape)}
     return out
 
 
@@ -1319,6 +1368,8 @@ def export_artifact(state, h, code_bytes, hessians=None, log=print, rank=0, worl
     ladders = {n: grid_ladder(*plans[n]) for n in quantized}
     default = LADDER_STEPS.index(0)
     rungs, frames, notes = {n: default for n in quantized}, {}, []
+    slack = TARGET_SLACK + h.lqer_top_k * max([h.lqer_rank * (6 * sum(state[n].shape) + 16 * state[n].size(1) // LQER_GROUP) // 8
+                                               for n in quantized] + [0])  # room for LQER: int2 A, int4 B, B's scales
 
     def regrid(names):
         """GPTQ (or rounding) of `names` at their current rungs, then their code frames; all on the ranks in parallel."""
@@ -1347,14 +1398,14 @@ def export_artifact(state, h, code_bytes, hessians=None, log=print, rank=0, worl
     regrid(quantized)
     total, blob, ordered, half_method = measure()
     movable = [n for n in quantized if not (h.qat != "off" and n.startswith("blocks."))]  # QAT trained on its grid
-    if movable and (total > cap or (h.budget_fill and total < cap - TARGET_SLACK)):
+    if movable and (total > cap - slack + TARGET_SLACK or (h.budget_fill and total < cap - slack)):
         share = my_share({n: state[n].numel() for n in movable}, rank, world_size)
         trials = gather_dicts({n: rung_trials(state[n].cpu(), error_weights(n, state, hessians), ladders[n], h)
                                for n in share}, world_size)
         for n in movable:  # scale the entropy estimates to this tensor's exact compressed size at the default grid
             ratio = len(frames[n][1]) / max(trials[n][default][0], 1.0)
             trials[n] = [(b * ratio, e) for b, e in trials[n]]
-        aim = cap - TARGET_SLACK
+        aim = cap - slack
         for attempt in range(6):
             others = total - sum(len(frames[n][1]) for n in movable)
             budget = aim - others if h.budget_fill else min(aim - others, sum(trials[n][default][0] for n in movable))
@@ -1368,9 +1419,21 @@ def export_artifact(state, h, code_bytes, hessians=None, log=print, rank=0, worl
                 trials[n][rungs[n]] = (len(frames[n][1]), trials[n][rungs[n]][1])
             total, blob, ordered, half_method = measure()
             log(f"artifact_fit: attempt {attempt + 1}: {len(changed)} tensors regridded, total {total} bytes (cap {cap})")
-            if total <= cap and (total >= cap - 50_000 or not h.budget_fill):
+            if total <= cap - slack + TARGET_SLACK and (total >= cap - slack - 40_000 or not h.budget_fill):
                 break
-            aim += cap - TARGET_SLACK - total  # steer the next attempt by this one's miss
+            aim += cap - slack - total  # steer the next attempt by this one's miss
+    lqer = add_lqer(state, qstate, quantized, h) if h.lqer_top_k else {}
+    if lqer:  # the grids were fitted leaving room for the corrections; kept only if the artifact still fits
+        plain = {n: qstate[n] for n in lqer}
+        for n, factors in lqer.items():
+            qstate[n] = {**plain[n], **factors}
+            frames[n + "/lqer"] = lqer_frame(qstate[n], h)
+        with_lqer = measure()
+        if with_lqer[0] <= cap:
+            total, blob, ordered, half_method = with_lqer
+        else:
+            qstate.update(plain)
+            notes.append(f"LQER dropped: {with_lqer[0]} bytes would pass the cap {cap}")
     if total > cap:
         raise RuntimeError(f"could not fit the artifact under {cap} bytes (total {total}); not writing it")
     grids, methods = {}, {}
@@ -1381,7 +1444,7 @@ def export_artifact(state, h, code_bytes, hessians=None, log=print, rank=0, worl
     for m in [half_method] + [frames[n][0] for n in quantized]:
         methods[m] = methods.get(m, 0) + 1
     report = {"grids": grids, "methods": methods, "notes": notes, "seconds": time.perf_counter() - t0,
-              "regridded": sum(rungs[n] != default for n in quantized)}
+              "regridded": sum(rungs[n] != default for n in quantized), "lqer": sorted(n for n in quantized if "lqer_a" in qstate[n])}
     return blob, ordered, report
 
 
@@ -2103,6 +2166,8 @@ def export(run, trained, hessians):
         log(f"gptq_fallback: {note}")
     log(f"export: {report['seconds']:.1f}s on {run.world_size} rank(s); grids {report['grids']}; "
         f"{report['regridded']} tensors off their default grid (BUDGET_FILL={int(h.budget_fill)}); frames {report['methods']}")
+    if h.lqer_top_k:
+        log(f"lqer: rank {h.lqer_rank} corrections on {', '.join(report['lqer']) or 'no tensor'}")
     if run.master:
         artifact.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(artifact, blob)

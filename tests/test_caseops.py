@@ -13,7 +13,7 @@ import caseops_data
 import smoke_data
 import train_gpt
 from caseops_data import ALLCAPS, CAPNEXT, ESC, TITLE, decode_caseops, encode_caseops
-from conftest import DOCS_TINY, DOCS_TOKENIZER, run_train, tiny_run_env
+from conftest import DOCS_TINY, DOCS_TOKENIZER, make_h, run_train, tiny_run_env
 
 ADVERSARIAL = ["", "The NASA Launch", "iPhone McDonald aB ABc A a Z", "HTTPServer getHTTPResponse XMLHttpRequest",
                TITLE + ALLCAPS + CAPNEXT + ESC, f"x{ESC}", f"{ESC}{ESC}A", f"Word{TITLE}Word {CAPNEXT}b",
@@ -156,3 +156,24 @@ def test_wd_taper_and_caseops_stack():
     differ = {n for n, *_ in train_gpt.HYPERPARAMETERS if getattr(sp8192, n.lower()) != getattr(caseops, n.lower())}
     assert {"DATA_PATH", "TOKENIZER_PATH"} <= differ <= {"STACK", "RUN_ID", "DATA_PATH", "TOKENIZER_PATH", "WD_TAPER_START_FRAC", "WD_TAPER_FINAL_MULT"}
     assert "caseops" in caseops.data_path and "caseops" in caseops.tokenizer_path and caseops.vocab_size == 8192
+
+
+def test_lqer_corrects_the_largest_errors_inside_the_cap():
+    """LQER_TOP_K=2: the two matrices with the largest rounding error get int2 x int4 rank-4 factors that survive the
+    artifact round trip and cut their error; their bytes count against the cap."""
+    torch.manual_seed(0)
+    model = train_gpt.build_model(make_h(MODEL_DIM=128, MLP_MULT=2, NUM_LAYERS=2, XSA_LAST_N=2, BIGRAM_BUCKETS=0, VE_DIM=0))
+    state = {k: v + 0.05 * torch.randn_like(v) if v.ndim == 2 else v for k, v in model.state_dict().items()}
+    plain_blob, plain_q, _ = train_gpt.export_artifact(state, make_h(ZSTD_LEVEL=9, BUDGET_FILL=0), 1000, log=lambda m: None)
+    blob, q, report = train_gpt.export_artifact(state, make_h(ZSTD_LEVEL=9, BUDGET_FILL=0, LQER_TOP_K=2), 1000, log=lambda m: None)
+    plain, deq = train_gpt.dequantize_state(plain_q), train_gpt.dequantize_state(train_gpt.deserialize_quantized(blob))
+    error = {n: float((state[n] - plain[n]).norm()) for n, e in plain_q.items() if "codes" in e}
+    assert report["lqer"] == sorted(sorted(error, key=error.get)[-2:]) and len(blob) > len(plain_blob)
+    for n in error:
+        assert torch.allclose(deq[n], train_gpt.dequantize_state(q)[n])
+        after = float((state[n] - deq[n]).norm())
+        assert after < 0.98 * error[n] if n in report["lqer"] else after == pytest.approx(error[n])
+    tight = len(plain_blob) + 1000 + 10
+    blob, _, report = train_gpt.export_artifact(state, make_h(ZSTD_LEVEL=9, BUDGET_FILL=0, LQER_TOP_K=2, ARTIFACT_CAP_BYTES=tight),
+                                                1000, log=lambda m: None)  # the grids make room for the factors
+    assert len(blob) + 1000 <= tight and len(report["lqer"]) == 2
