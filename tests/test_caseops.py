@@ -162,7 +162,7 @@ def test_lqer_corrects_the_largest_errors_inside_the_cap():
     """LQER_TOP_K=2: the two matrices with the largest rounding error get int2 x int4 rank-4 factors that survive the
     artifact round trip and cut their error; their bytes count against the cap."""
     torch.manual_seed(0)
-    model = train_gpt.build_model(make_h(MODEL_DIM=128, MLP_MULT=2, NUM_LAYERS=2, XSA_LAST_N=2, BIGRAM_BUCKETS=0, VE_DIM=0))
+    model = train_gpt.build_model(make_h(MODEL_DIM=64, MLP_MULT=2, NUM_LAYERS=2, XSA_LAST_N=2, BIGRAM_BUCKETS=0, VE_DIM=0))
     state = {k: v + 0.05 * torch.randn_like(v) if v.ndim == 2 else v for k, v in model.state_dict().items()}
     plain_blob, plain_q, _ = train_gpt.export_artifact(state, make_h(ZSTD_LEVEL=9, BUDGET_FILL=0), 1000, log=lambda m: None)
     blob, q, report = train_gpt.export_artifact(state, make_h(ZSTD_LEVEL=9, BUDGET_FILL=0, LQER_TOP_K=2), 1000, log=lambda m: None)
