@@ -42,6 +42,7 @@ class CaseOpsError(ValueError):
 
 
 def case_word(match):
+    """One maximal ASCII-letter word (or a literal control character) in CaseOps form."""
     word = match.group()
     if word in CONTROLS:
         return ESC + word
@@ -62,6 +63,7 @@ def encode_caseops(text):
 
 
 def uncase_word(match):
+    """The original of one escaped control or one cased word (an optional TITLE/ALLCAPS, then letters with CAPNEXTs)."""
     escaped, mode, letters, stray = match.groups()
     if stray is not None or (escaped is not None and escaped not in CONTROLS):
         raise CaseOpsError(f"a control character out of place near {match.string[max(match.start() - 20, 0):match.end() + 20]!r}")
