@@ -500,7 +500,7 @@ def load_byte_sidecar(data_path):
     if len(counts) != n_tokens:
         raise DataError(f"the byte sidecar {pattern} holds {len(counts)} counts but the validation shards hold {n_tokens} "
                         "tokens; it needs one count per token")
-    return pattern, torch.from_numpy(counts.astype(np.int64))
+    return pattern, torch.from_numpy(counts.astype(np.int32))
 
 
 # ----------------------------------------------------------------------------------------------------
