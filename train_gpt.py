@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -48,8 +49,8 @@ FA3_WHEEL_TORCH = "2.9.1"  # the torch the README's FA3 wheel (cu128_torch291, t
 
 HYPERPARAMETERS = [
     # run and data
-    ("STACK", ("sp1024", "sp8192"), "sp1024", None, "preset of defaults (STACKS below); a variable set explicitly still wins"),
-    ("DATA_PATH", str, "./data/datasets/fineweb10B_sp1024", None, "folder holding fineweb_train_*.bin and fineweb_val_*.bin"),
+    ("STACK", ("sp1024", "sp8192", "caseops"), "sp1024", None, "preset of defaults (STACKS below); a variable set explicitly still wins"),
+    ("DATA_PATH", str, "./data/datasets/fineweb10B_sp1024", None, "folder holding fineweb_train_*.bin, fineweb_val_*.bin and any byte sidecar fineweb_val_bytes_*.bin"),
     ("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_1024_bpe.model", None, "SentencePiece model of the shards"),
     ("VOCAB_SIZE", int, 1024, 2, "model vocabulary; must equal the tokenizer's size"),
     ("RUN_ID", str, "", None, "log name logs/<RUN_ID>.txt (empty: a random id)"),
@@ -104,6 +105,8 @@ HYPERPARAMETERS = [
     # optimizer
     ("MATRIX_LR", float, 0.026, 0, "Muon LR for block matrices"),
     ("MUON_WD", float, 0.095, 0, "Muon decoupled weight decay"),
+    ("WD_TAPER_START_FRAC", float, 1.0, 0, "Muon WD is full until this fraction of training, then linear to WD_TAPER_FINAL_MULT x (1: off)"),
+    ("WD_TAPER_FINAL_MULT", float, 0.5, 0, "Muon WD multiplier at the end of training when tapered"),
     ("MUON_MOMENTUM", float, 0.97, 0, "Muon momentum after warm-up"),
     ("MUON_MOMENTUM_WARMUP_START", float, 0.92, 0, "Muon momentum at step 0"),
     ("MUON_MOMENTUM_WARMUP_STEPS", int, 1500, 0, "steps of linear momentum warm-up"),
@@ -144,6 +147,8 @@ HYPERPARAMETERS = [
     ("ZSTD_LEVEL", int, 22, 1, "zstd level of the model file (each frame is the smaller of zstd and lzma)"),
     ("ARTIFACT_CAP_BYTES", int, 16_000_000, 1, "cap on code + model bytes; export fits under it"),
     ("BUDGET_FILL", bool, True, None, "spend the bytes left under the cap on finer grids where they cut the most error"),
+    ("LQER_TOP_K", int, 0, 0, "LQER: a low-rank correction of the K quantized matrices with the largest error (0: off)"),
+    ("LQER_RANK", int, 4, 1, "LQER rank: A int2 (one scale), B int4 in groups of 64"),
     # evaluation
     ("EVAL_SEQ_LEN", int, 0, 0, "evaluation window (0: TRAIN_SEQ_LEN)"),
     ("EVAL_STRIDE", int, 64, 1, "sliding-window stride"),
@@ -176,6 +181,11 @@ STACKS = {
                "VOCAB_SIZE": "8192", "BIGRAM_BUCKETS": "0", "VE_DIM": "0", "EMBED_BITS": "7", "EMBED_CLIP_K": "15",
                "TTT_PHASES": "833,1666,2500"},
 }
+# The records since 04-18: the sp8192 stack on CaseOps text (tools/caseops_data.py; val_bpb charged to the original
+# bytes by the byte sidecar beside the val shards) with Muon's WD tapered to half over the last 30 % of training.
+STACKS["caseops"] = {**STACKS["sp8192"], "DATA_PATH": "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+                     "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
+                     "WD_TAPER_START_FRAC": "0.7", "WD_TAPER_FINAL_MULT": "0.5"}
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
@@ -285,7 +295,7 @@ class Hyperparameters:
         need(self.xsa_last_n <= self.num_layers, f"XSA_LAST_N must be <= NUM_LAYERS ({self.num_layers}); got {self.xsa_last_n}")
         need(not (self.smear_gate or self.attn_gate) or self.model_dim >= 12, "SMEAR_GATE and ATTN_GATE need MODEL_DIM >= 12")
         need(self.bigram_buckets != 1, "BIGRAM_BUCKETS must be 0 (off) or >= 2")
-        for name in ("WARMDOWN_FRAC", "MIN_LR", "SWA_START_LR_SCALE", "QAT_START_LR_SCALE", "LOOP_START_FRAC"):
+        for name in ("WARMDOWN_FRAC", "MIN_LR", "SWA_START_LR_SCALE", "QAT_START_LR_SCALE", "LOOP_START_FRAC", "WD_TAPER_START_FRAC"):
             need(getattr(self, name.lower()) <= 1, f"{name} must be in [0, 1]; got {getattr(self, name.lower())}")
         for name in ("EMA_DECAY", "BETA1", "BETA2"):
             need(getattr(self, name.lower()) < 1, f"{name} must be in [0, 1); got {getattr(self, name.lower())}")
@@ -328,7 +338,8 @@ class Hyperparameters:
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
 BOS_ID = 1
 DOWNLOAD_HINT = ("Download the official data with `python3 data/cached_challenge_fineweb.py --variant sp1024` (sp8192: "
-                 "with MATCHED_FINEWEB_REPO_ID=kevclark/parameter-golf) in an openai/parameter-golf checkout and point "
+                 "with MATCHED_FINEWEB_REPO_ID=kevclark/parameter-golf; caseops: with MATCHED_FINEWEB_REPO_ID=romeerp/parameter-golf-caseops-v1 "
+                 "--variant sp8192_lossless_caps_caseops_v1_reserved) in an openai/parameter-golf checkout and point "
                  "DATA_PATH/TOKENIZER_PATH at it (see the README), or run the CPU smoke run with `bash tools/smoke_run.sh`.")
 
 
@@ -357,10 +368,11 @@ def read_shard(path):
 
 
 def find_shards(data_path, split):
+    """fineweb_<split>_<digits>.bin, sorted: a validation byte sidecar (fineweb_val_bytes_*.bin) is no val shard."""
     if not os.path.isdir(data_path):
         raise DataError(f"DATA_PATH {data_path} does not exist. {DOWNLOAD_HINT}")
     pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
-    files = sorted(glob.glob(pattern))
+    files = sorted(f for f in glob.glob(pattern) if re.fullmatch(rf"fineweb_{split}_\d+\.bin", os.path.basename(f)))
     if not files:
         raise DataError(f"no {split} shards match {pattern}. {DOWNLOAD_HINT}")
     return pattern, files
@@ -482,6 +494,20 @@ def load_validation_tokens(data_path, seq_len):
     if usable <= 0:
         raise DataError(f"validation shards {pattern} hold {len(tokens)} tokens, fewer than one {seq_len}-token window")
     return pattern, torch.from_numpy(tokens[:usable + 1].astype(np.int64))
+
+
+def load_byte_sidecar(data_path):
+    """The validation byte sidecar (fineweb_val_bytes_*.bin, the shard format): count i is the original-text UTF-8
+    bytes of validation token i (0 for BOS), for tokens that do not spell their text (CaseOps). None when absent."""
+    if not glob.glob(os.path.join(data_path, "fineweb_val_bytes_*.bin")):
+        return None
+    pattern, files = find_shards(data_path, "val_bytes")
+    counts = np.concatenate([read_shard(f) for f in files])
+    n_tokens = sum(len(read_shard(f)) for f in find_shards(data_path, "val")[1])  # headers only: no token is read
+    if len(counts) != n_tokens:
+        raise DataError(f"the byte sidecar {pattern} holds {len(counts)} counts but the validation shards hold {n_tokens} "
+                        "tokens; it needs one count per token")
+    return pattern, torch.from_numpy(counts.astype(np.int32))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -995,6 +1021,14 @@ def lr_multiplier(h, step, elapsed_ms, cap_ms):
     return max((1 - frac) / h.warmdown_frac, h.min_lr)
 
 
+def wd_multiplier(h, frac):
+    """Muon WD x 1 until WD_TAPER_START_FRAC of the run, then linear to WD_TAPER_FINAL_MULT: WD keeps weights
+    compressible early; late, settled weights gain more from less decay (04-18 record)."""
+    if frac <= h.wd_taper_start_frac or h.wd_taper_start_frac >= 1:
+        return 1.0
+    return 1 + (h.wd_taper_final_mult - 1) * min((frac - h.wd_taper_start_frac) / (1 - h.wd_taper_start_frac), 1.0)
+
+
 def muon_momentum(h, step):
     f = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps else 1.0
     return (1 - f) * h.muon_momentum_warmup_start + f * h.muon_momentum
@@ -1117,9 +1151,45 @@ def quantize_tensor(w, bits, clip_k, h, hessian=None):
     return {"codes": codes.to(torch.int8).cpu(), "scale": scale.half().cpu(), "bits": bits}, note
 
 
+LQER_GROUP = 64
+
+
+def lqer_factors(error, rank):
+    """LQER (the top record's asymmetric form): the rank-`rank` SVD of a quantization error E ~ A B, A rounded to
+    int2 {-2..1} on one scale, B to int4 {-8..7} with a scale per LQER_GROUP values: a few kB buy back the largest
+    errors."""
+    U, S, Vh = torch.linalg.svd(error.float(), full_matrices=False)
+    A, B = U[:, :rank] * S[:rank], Vh[:rank].reshape(-1, LQER_GROUP)
+    a_scale, b_scale = (A.abs().amax() / 1.5).clamp_min(1e-8).half().view(1), (B.abs().amax(1) / 7.5).clamp_min(1e-8).half()
+    return {"lqer_a": torch.clamp(torch.round(A / a_scale.float()), -2, 1).to(torch.int8), "lqer_a_scale": a_scale,
+            "lqer_b": torch.clamp(torch.round(B / b_scale.float()[:, None]), -8, 7).to(torch.int8).view(rank, -1), "lqer_b_scale": b_scale}
+
+
+def lqer_product(e):
+    b = (e["lqer_b"].float().view(-1, LQER_GROUP) * e["lqer_b_scale"].float()[:, None]).view(e["lqer_b"].shape)
+    return (e["lqer_a"].float() * e["lqer_a_scale"].float()) @ b
+
+
+def dequantize_entry(e):
+    if "codes" not in e:
+        return e["raw"].float()
+    w = e["codes"].float() * e["scale"].float()[:, None]
+    return w + lqer_product(e) if "lqer_a" in e else w
+
+
 def dequantize_state(qstate):
-    return {name: (e["codes"].float() * e["scale"].float()[:, None]) if "codes" in e else e["raw"].float()
-            for name, e in qstate.items()}
+    return {name: dequantize_entry(e) for name, e in qstate.items()}
+
+
+def add_lqer(state, qstate, names, h):
+    """{name: factors} for the LQER_TOP_K of `names` with the largest quantization error (Frobenius, as the records)
+    whose B splits into groups, kept only where the rounded factors cut that error (on an int8 grid int2 x int4
+    factors can add more than they remove: measured on the docs proxy)."""
+    fits = [n for n in names if h.lqer_rank * state[n].size(1) % LQER_GROUP == 0 and min(state[n].shape) > h.lqer_rank]
+    errors = {n: state[n].detach().float().cpu() - dequantize_entry(qstate[n]) for n in fits}
+    top = sorted(fits, key=lambda n: -float(errors[n].norm()))[:h.lqer_top_k]
+    factors = {n: lqer_factors(errors[n], h.lqer_rank) for n in top}
+    return {n: f for n, f in factors.items() if (errors[n] - lqer_product(f)).norm() < errors[n].norm()}
 
 
 # Distributed export: rank r handles its share of the tensors (largest first, to the least-loaded rank); every
@@ -1198,14 +1268,23 @@ def compress_code_frames(qstate, names, h, rank=0, world_size=1, log=None):
 
 
 def sixteen_bit_frame(qstate, h):
-    halves = [(e["scale"] if "codes" in e else e["raw"]).numpy().tobytes() for e in qstate.values()]
+    halves = [t.numpy().tobytes() for e in qstate.values() for t in
+              ([e["scale"]] + ([e["lqer_a_scale"], e["lqer_b_scale"]] if "lqer_a" in e else []) if "codes" in e else [e["raw"]])]
     return compress_frame(b"".join(halves), h.zstd_level, False, h.byte_shuffle)
 
 
+def lqer_frame(e, h):
+    """(method, frame) of a tensor's LQER codes (A then B), one frame after its code frame."""
+    return compress_frame(e["lqer_a"].numpy().tobytes() + e["lqer_b"].numpy().tobytes(), h.zstd_level, True)
+
+
 def serialize_quantized(qstate, frames, half_frame):
-    """The artifact from the quantized state, its code frames ({name: (method, frame)}) and the 16-bit frame."""
-    tensors = [[name, list((e["codes"] if "codes" in e else e["raw"]).shape), e.get("bits", 16)] for name, e in qstate.items()]
-    order = [half_frame] + [frames[name] for name, e in qstate.items() if "codes" in e]
+    """The artifact from the quantized state, its code frames ({name: (method, frame)}, and {name + "/lqer": ...}
+    for the LQER codes) and the 16-bit frame. A tensor's header entry gains its LQER rank when it has one."""
+    tensors = [[name, list((e["codes"] if "codes" in e else e["raw"]).shape), e.get("bits", 16)]
+               + ([e["lqer_a"].size(1)] if "lqer_a" in e else []) for name, e in qstate.items()]
+    order = [half_frame] + [frames[key] for name, e in qstate.items() if "codes" in e
+                            for key in [name] + ([name + "/lqer"] if "lqer_a" in e else [])]
     head = json.dumps({"tensors": tensors, "frames": [[m, len(f)] for m, f in order]}).encode()
     return ARTIFACT_MAGIC + len(head).to_bytes(4, "little") + head + b"".join(f for _, f in order)
 
@@ -1219,16 +1298,22 @@ def deserialize_quantized(blob):
         frames.append(decompress_frame(method, blob[offset:offset + size]))
         offset += size
     halves, code_frames, f, out = frames[0], iter(frames[1:]), 0, {}
-    for name, shape, bits in meta["tensors"]:
+
+    def take_halves(k):
+        nonlocal f
+        f += 2 * k
+        return torch.frombuffer(bytearray(halves[f - 2 * k:f]), dtype=torch.float16).clone()
+
+    for name, shape, bits, *lqer in meta["tensors"]:
         if bits <= 8:
-            rows = shape[0]
             out[name] = {"codes": torch.frombuffer(bytearray(next(code_frames)), dtype=torch.int8).view(shape),
-                         "scale": torch.frombuffer(bytearray(halves[f:f + 2 * rows]), dtype=torch.float16).clone(), "bits": bits}
-            f += 2 * rows
+                         "scale": take_halves(shape[0]), "bits": bits}
+            if lqer:
+                r, codes = lqer[0], torch.frombuffer(bytearray(next(code_frames)), dtype=torch.int8)
+                out[name].update(lqer_a=codes[:shape[0] * r].view(shape[0], r), lqer_b=codes[shape[0] * r:].view(r, shape[1]),
+                                 lqer_a_scale=take_halves(1), lqer_b_scale=take_halves(r * shape[1] // LQER_GROUP))
         else:
-            k = math.prod(shape)
-            out[name] = {"raw": torch.frombuffer(bytearray(halves[f:f + 2 * k]), dtype=torch.float16).view(shape).clone()}
-            f += 2 * k
+            out[name] = {"raw": take_halves(math.prod(shape)).view(shape)}
     return out
 
 
@@ -1331,6 +1416,8 @@ def export_artifact(state, h, code_bytes, hessians=None, log=print, rank=0, worl
     ladders = {n: grid_ladder(*plans[n]) for n in quantized}
     default = LADDER_STEPS.index(0)
     rungs, frames, notes = {n: default for n in quantized}, {}, []
+    slack = TARGET_SLACK + h.lqer_top_k * max([h.lqer_rank * (6 * sum(state[n].shape) + 16 * state[n].size(1) // LQER_GROUP) // 8
+                                               for n in quantized] + [0])  # room for LQER: int2 A, int4 B, B's scales
 
     def regrid(names):
         """GPTQ (or rounding) of `names` at their current rungs, then their code frames; all on the ranks in parallel."""
@@ -1359,14 +1446,14 @@ def export_artifact(state, h, code_bytes, hessians=None, log=print, rank=0, worl
     regrid(quantized)
     total, blob, ordered, half_method = measure()
     movable = [n for n in quantized if not (h.qat != "off" and n.startswith("blocks."))]  # QAT trained on its grid
-    if movable and (total > cap or (h.budget_fill and total < cap - TARGET_SLACK)):
+    if movable and (total > cap - slack + TARGET_SLACK or (h.budget_fill and total < cap - slack)):
         share = my_share({n: state[n].numel() for n in movable}, rank, world_size)
         trials = gather_dicts({n: rung_trials(state[n].cpu(), error_weights(n, state, hessians), ladders[n], h)
                                for n in share}, world_size)
         for n in movable:  # scale the entropy estimates to this tensor's exact compressed size at the default grid
             ratio = len(frames[n][1]) / max(trials[n][default][0], 1.0)
             trials[n] = [(b * ratio, e) for b, e in trials[n]]
-        aim = cap - TARGET_SLACK
+        aim = cap - slack
         for attempt in range(6):
             others = total - sum(len(frames[n][1]) for n in movable)
             budget = aim - others if h.budget_fill else min(aim - others, sum(trials[n][default][0] for n in movable))
@@ -1380,9 +1467,21 @@ def export_artifact(state, h, code_bytes, hessians=None, log=print, rank=0, worl
                 trials[n][rungs[n]] = (len(frames[n][1]), trials[n][rungs[n]][1])
             total, blob, ordered, half_method = measure()
             log(f"artifact_fit: attempt {attempt + 1}: {len(changed)} tensors regridded, total {total} bytes (cap {cap})")
-            if total <= cap and (total >= cap - 50_000 or not h.budget_fill):
+            if total <= cap - slack + TARGET_SLACK and (total >= cap - slack - 40_000 or not h.budget_fill):
                 break
-            aim += cap - TARGET_SLACK - total  # steer the next attempt by this one's miss
+            aim += cap - slack - total  # steer the next attempt by this one's miss
+    lqer = add_lqer(state, qstate, quantized, h) if h.lqer_top_k else {}
+    if lqer:  # the grids were fitted leaving room for the corrections; kept only if the artifact still fits
+        plain = {n: qstate[n] for n in lqer}
+        for n, factors in lqer.items():
+            qstate[n] = {**plain[n], **factors}
+            frames[n + "/lqer"] = lqer_frame(qstate[n], h)
+        with_lqer = measure()
+        if with_lqer[0] <= cap:
+            total, blob, ordered, half_method = with_lqer
+        else:
+            qstate.update(plain)
+            notes.append(f"LQER dropped: {with_lqer[0]} bytes would pass the cap {cap}")
     if total > cap:
         raise RuntimeError(f"could not fit the artifact under {cap} bytes (total {total}); not writing it")
     grids, methods = {}, {}
@@ -1393,7 +1492,7 @@ def export_artifact(state, h, code_bytes, hessians=None, log=print, rank=0, worl
     for m in [half_method] + [frames[n][0] for n in quantized]:
         methods[m] = methods.get(m, 0) + 1
     report = {"grids": grids, "methods": methods, "notes": notes, "seconds": time.perf_counter() - t0,
-              "regridded": sum(rungs[n] != default for n in quantized)}
+              "regridded": sum(rungs[n] != default for n in quantized), "lqer": sorted(n for n in quantized if "lqer_a" in qstate[n])}
     return blob, ordered, report
 
 
@@ -1458,21 +1557,24 @@ def token_nll(logits, targets):
 class Scorer:
     """Exact float64 sums of nll, targets and bytes over the validation stream; with `record`, every target's nll,
     bytes and the number of the scoring batch that recorded it (DUMP_NLL), and how often it was scored. Target t
-    is the prediction of token t+1 from the tokens up to t."""
+    is the prediction of token t+1 from the tokens up to t. `luts` says what a target is charged: the piece tables
+    (build_byte_luts), or a byte sidecar's counts (one per token of the stream `tokens` begins, load_byte_sidecar),
+    of which target t is charged count t+1, the bytes of the token it predicts."""
 
     def __init__(self, tokens, luts, record=False):
-        self.tokens, self.luts, self.n = tokens.to(luts[0].device), luts, tokens.numel() - 1
-        self.sums = torch.zeros(3, dtype=torch.float64, device=luts[0].device)
+        device = luts.device if torch.is_tensor(luts) else luts[0].device
+        self.tokens, self.luts, self.n = tokens.to(device), luts, tokens.numel() - 1
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.batches, self.record = 0, record
         if record:
-            self.nll, self.bytes, self.order, self.times = (torch.zeros(self.n, dtype=dt, device=luts[0].device)
+            self.nll, self.bytes, self.order, self.times = (torch.zeros(self.n, dtype=dt, device=device)
                                                             for dt in (torch.float64, torch.int32, torch.int64, torch.int32))
 
     def add(self, nll, targets, scored):
         """Record the (detached) nll of the `scored` entries of `targets` (global target indices, any shape)."""
         t = targets.clamp(0, self.n - 1)
         x, y = self.tokens[t], self.tokens[t + 1]
-        nbytes = target_bytes(self.luts, x, y)
+        nbytes = self.luts[t + 1] if torch.is_tensor(self.luts) else target_bytes(self.luts, x, y)
         self.sums += torch.stack([(nll.detach().double() * scored).sum(), scored.sum().double(), (nbytes * scored).sum().double()])
         if self.record:
             keep = t[scored]
@@ -2152,7 +2254,8 @@ def start_run():
 
 
 class Data:
-    """Tokenizer byte tables, the training shard list and (for the diagnostics of a training run: periodic and
+    """What each target is charged (`luts`: the tokenizer's byte tables, or the validation byte sidecar when one sits
+    beside the shards), the training shard list and (for the diagnostics of a training run: periodic and
     pre-quantization validation) the validation tokens. EVAL_ARTIFACT runs read no validation token before the
     eval clock starts; the evaluation of the artifact reads them again inside the clock."""
 
@@ -2160,8 +2263,10 @@ class Data:
         h, log = run.h, run.log
         sp = load_tokenizer(h.tokenizer_path)
         h.check_tokenizer(sp)
-        self.luts = tuple(t.to(run.device) for t in build_byte_luts(sp, h.vocab_size))
+        sidecar = load_byte_sidecar(h.data_path)
+        self.luts = sidecar[1].to(run.device) if sidecar else tuple(t.to(run.device) for t in build_byte_luts(sp, h.vocab_size))
         log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.tokenizer_path}")
+        log(f"val_bytes: {f'byte sidecar {sidecar[0]} ({len(sidecar[1])} counts)' if sidecar else 'piece table of the tokenizer'}")
         val_pattern, _ = find_shards(h.data_path, "val")
         if not h.eval_artifact:
             _, self.train_files = find_shards(h.data_path, "train")
@@ -2205,7 +2310,7 @@ def train(run, data):
         train_model = DDP(train_model, device_ids=[device.index] if run.is_cuda else None, broadcast_buffers=False,
                           gradient_as_bucket_view=True)
 
-    def train_step(step, loader, lr_scale):
+    def train_step(step, loader, lr_scale, wd_scale=1.0):
         total = torch.zeros((), device=device)
         for micro in range(accum):
             x, y, cu_seqlens = loader.next_batch()
@@ -2221,7 +2326,7 @@ def train(run, data):
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * lr_scale
         for group in optimizers[1].param_groups:
-            group["momentum"] = muon_momentum(h, step)
+            group["momentum"], group["weight_decay"] = muon_momentum(h, step), h.muon_wd * wd_scale
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -2269,15 +2374,15 @@ def train(run, data):
         run.phase = f"training (step {step + 1}/{h.iterations})"
         check_interrupt()
         elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
-        scale = lr_multiplier(h, step, elapsed_ms, cap_ms)
-        if delayed_loop and not model.looping and training_fraction(h, step, elapsed_ms, cap_ms) >= h.loop_start_frac:
+        scale, frac = lr_multiplier(h, step, elapsed_ms, cap_ms), training_fraction(h, step, elapsed_ms, cap_ms)
+        if delayed_loop and not model.looping and frac >= h.loop_start_frac:
             model.looping = True  # the warm-up compiled this graph too: no training time is lost here
             log(f"loop:on step:{step} layers {h.loop[0]}-{h.loop[1]} x{h.loop_repeats + 1} ({len(model.looped)} virtual layers)")
         if h.qat == "late" and not qat_live and scale < h.qat_start_lr_scale:
             model.set_qat(1.0)
             qat_live = True
             log(f"late_qat:on step:{step} lr_scale:{scale:.4f}")
-        loss = train_step(step, loader, scale)
+        loss = train_step(step, loader, scale, wd_multiplier(h, frac))
         step += 1
         averager.update(step, scale)
         approx_ms = train_ms + 1000 * (time.perf_counter() - t0)
@@ -2339,6 +2444,8 @@ def export(run, trained, hessians):
         log(f"gptq_fallback: {note}")
     log(f"export: {report['seconds']:.1f}s on {run.world_size} rank(s); grids {report['grids']}; "
         f"{report['regridded']} tensors off their default grid (BUDGET_FILL={int(h.budget_fill)}); frames {report['methods']}")
+    if h.lqer_top_k:
+        log(f"lqer: rank {h.lqer_rank} corrections on {', '.join(report['lqer']) or 'no tensor'}")
     if run.master:
         artifact.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(artifact, blob)

@@ -999,7 +999,7 @@ def test_stack_presets_and_explicit_settings_win():
     assert h.num_layers == 11 and h.loop == (3, 5) and h.doc_isolation  # the rest as the SP1024 stack
     h = train_gpt.Hyperparameters({"STACK": "sp8192", "EMBED_BITS": "8", "BIGRAM_BUCKETS": "1024"})
     assert (h.embed_bits, h.bigram_buckets, h.vocab_size) == (8, 1024, 8192)
-    assert train_gpt.Hyperparameters({}).vocab_size == 1024 and set(train_gpt.STACKS) == {"sp1024", "sp8192"}
+    assert train_gpt.Hyperparameters({}).vocab_size == 1024 and set(train_gpt.STACKS) == {"sp1024", "sp8192", "caseops"}
     for preset in train_gpt.STACKS.values():  # every preset names real settings, with values they accept
         assert set(preset) <= {n for n, *_ in train_gpt.HYPERPARAMETERS}
     with pytest.raises(ConfigError, match="STACK"):
