@@ -117,7 +117,8 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = out.read_text()
     for check in ("attention kernel: ok", "compiled training (fullgraph, bf16 autocast, grad accumulation 8): ok",
-                  "step time: ok", "export: ok", "evaluation: ok every target scored once", "all checks ok"):
+                  "step time: ok", "export: ok", "evaluation: ok every target scored once", "TTT batch: ok",
+                  "TTT projection: ok on 8 such devices, FineWeb-shaped", "all checks ok"):
         assert f"{check}" in report, check
     steps = int(re.search(r"over steps (\d+)\.\.(\d+)", report).group(2)) - int(re.search(r"over steps (\d+)", report).group(1))
     assert steps >= 30

@@ -9,8 +9,9 @@ traceable under torch.compile; any fallback to SDPA FAILs unless FA3=0 is set), 
 SDPA's document mask in the trained model, the model compiled with fullgraph and bf16 autocast, gradient
 accumulation 8, at least 30 timed steps (ms/step, tokens/s, MFU counting the depth-recurrence passes, measured
 ms/step against the FLOP count, peak memory), Hessians, GPTQ and export of the model (time, bytes), the
-evaluation: its compile inside the eval clock (the TTT graphs too; an eager fallback FAILs) and the final pass's
-rate (LoRA TTT by default) projected to the full FineWeb validation set on 8 GPUs, and, when two or more GPUs
+evaluation: its compile inside the eval clock (the TTT graphs too; an eager fallback FAILs), a LoRA TTT batch of
+long documents timed with its compile, the eval clock of FineWeb-shaped documents on 8 GPUs projected from that
+batch by the TTT planner (tools/ttt_plan.py; FAIL over 600 s), and, when two or more GPUs
 are visible, two training steps of a 2-rank NCCL run (torchrun). At --cpu the attention is FA3 through the test
 stand-in (tests/fa3_standin, unless another flash_attn_interface imports first) and the final pass is sliding
 windows (TTT=off), which keeps the check short. Each check prints one `check:` line; the exit code is 1 if any
@@ -89,6 +90,51 @@ def two_rank_check(cpu, work, report):
     ok = proc.returncode == 0 and "world_size:2" in log and "summary: val_bpb:" in log
     report(f"check: 2-rank {'gloo' if cpu else 'NCCL'} run: {'ok' if ok else 'FAIL'} 2 steps, export and evaluation on 2 ranks "
            f"in {time.perf_counter() - t:.0f}s" + ("" if ok else f"; exit {proc.returncode}: {proc.stderr[-1500:]}"))
+
+
+def ttt_check(run, model, cpu, diagnostic_rate, report):
+    """One LoRA TTT batch of long documents (TTT_BATCH_DOCS of EVAL_SEQ_LEN to twice that, random tokens) timed with
+    its compile, then the eval clock of the whole FineWeb validation set on 8 such devices, projected by the TTT
+    planner (tools/ttt_plan.py) from the cost model this batch fitted: the run's own plan, budget rule and driver.
+    At --cpu: 4 documents, uncompiled (tests/test_ttt_budget.py compiles the TTT graphs)."""
+    import copy
+    import torch
+    import train_gpt
+    import ttt_plan
+
+    h = copy.copy(run.h)
+    h.ttt, h.ttt_phases = "lora", run.h.ttt_phases if run.h.ttt == "lora" else ""
+    ttt_run = copy.copy(run)
+    ttt_run.h, ttt_run.compile = h, run.compile and not cpu
+    docs, L = (4, h.eval_seq_len) if cpu else (h.ttt_batch_docs, h.eval_seq_len)
+    lengths = [2 * L - (L * i) // docs for i in range(docs)]
+    tokens = torch.randint(4, h.vocab_size, (sum(lengths) + 1,), generator=torch.Generator().manual_seed(0))
+    tokens[torch.tensor([0] + lengths).cumsum(0)] = train_gpt.BOS_ID
+    luts = (torch.ones(h.vocab_size, dtype=torch.int64), torch.zeros(h.vocab_size, dtype=torch.bool), torch.zeros(h.vocab_size, dtype=torch.bool))
+    scorer = train_gpt.Scorer(tokens.to(run.device), tuple(t.to(run.device) for t in luts))
+    h.ttt_phases, t = "", time.perf_counter()  # one batch: no phase to run
+    train_fn, lora_fn, lora = train_gpt.compile_ttt(ttt_run, model)
+    run.sync()
+    compile_s, t = time.perf_counter() - t, time.perf_counter()
+    budget = train_gpt.TTTBudget(1e9, t, sync=run.sync)
+    stats = train_gpt.ttt_lora(ttt_run, model, lora_fn, train_fn, lora, scorer, budget)
+    batch_s = time.perf_counter() - t
+    passes = train_gpt.BatchShape(sorted(lengths, reverse=True), h).work(True)["token_pass"]
+    ok = stats["adapted_batches"] == stats["batches"] == 1 and scorer.result()["tokens"] == sum(lengths)
+    report(f"check: TTT batch: {'ok' if ok else 'FAIL'} {docs} documents of {L}-{2 * L} tokens adapted in {batch_s:.1f}s "
+           f"({passes / batch_s:,.0f} token passes/s) after a {compile_s:.1f}s {'compile' if ttt_run.compile else 'build (uncompiled)'}; "
+           f"cost factor vs the records' prior (TTT_PRIOR): {budget.cost.factors[0]:.2f}")
+    h.ttt_phases = run.h.ttt_phases if run.h.ttt == "lora" else ""
+    costs = {k: v * budget.cost.factors[train_gpt.CostModel.GROUPS[k]] for k, v in train_gpt.TTT_PRIOR.items()}
+    full = FINEWEB_VAL_TARGETS.get(h.vocab_size, FINEWEB_VAL_TARGETS[1024])
+    before = compile_s + full / diagnostic_rate / 8  # the TTT compile and the diagnostic pass come first
+    lengths, source = ttt_plan.fineweb_lengths_for(h)
+    plan = ttt_plan.simulate(lengths, h, 8, before, prior=costs)
+    fits = plan["eval_clock"] <= 600
+    report(f"check: TTT projection: {'ok' if fits or cpu else 'FAIL'} on 8 such devices, {source}: eval clock "
+           f"{plan['eval_clock']:.0f}s ({before:.0f}s before TTT: its compile, the diagnostic pass), "
+           f"{100 * plan['adapted']:.1f}% of targets adapted, {plan['phases']}/{plan['phases_planned']} phases "
+           f"(TTT_BUDGET_SECONDS={h.ttt_budget_seconds:.0f})" + ("" if fits else "; over 600s" + (" (a CPU)" if cpu else "")))
 
 
 def run_check(cpu, work, report):
@@ -172,12 +218,8 @@ def run_check(cpu, work, report):
            f"{results['eval_ms'] / 1000:.1f}s incl. compile (artifact open to last score); {tag} (stride {h.eval_stride}): "
            f"{n_targets} targets in {pass_ms / 1000:.2f}s = {rate:,.0f} targets/s on 1 device"
            + ("; the TTT graphs did not compile and ran eagerly (see the log)" if uncompiled else ""))
-    if not cpu:
-        full = FINEWEB_VAL_TARGETS.get(h.vocab_size, FINEWEB_VAL_TARGETS[1024])
-        seconds = full / rate / 8
-        report(f"check: full-eval projection: {'ok' if seconds < h.ttt_budget_seconds else 'FAIL'} ~{seconds:.0f}s for the "
-               f"{full:,} targets of the FineWeb validation set on 8 such devices (plus the compile above; TTT adaptation "
-               f"stops at TTT_BUDGET_SECONDS={h.ttt_budget_seconds:.0f}s of eval clock)")
+    diagnostic_ms = float(re.search(r"^final_int6_zstd_roundtrip val_loss:\S+ val_bpb:\S+ eval_time:(\d+)ms", log, re.M).group(1))
+    ttt_check(run, trained.model, cpu, n_targets / (diagnostic_ms / 1000), report)
     report(f"check: run log: {run.log.path}")
     if run.is_cuda and torch.cuda.device_count() >= 2:
         two_rank_check(cpu, work, report)

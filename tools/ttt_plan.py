@@ -40,6 +40,13 @@ def fineweb_lengths(n_docs=FINEWEB_DOCS, mean=FINEWEB_MEAN, longest=FINEWEB_MAX,
     return np.round(lengths).astype(np.int64)
 
 
+def fineweb_lengths_for(h):
+    """FineWeb-shaped lengths in the tokens of h's vocabulary, and a description of them."""
+    shrink = SP8192_TOKENS_PER_SP1024 if h.vocab_size == 8192 else 1.0
+    return (fineweb_lengths(mean=FINEWEB_MEAN * shrink, longest=FINEWEB_MAX * shrink),
+            f"FineWeb-shaped synthetic (log-normal, mean {FINEWEB_MEAN * shrink:.0f}, longest <= {FINEWEB_MAX * shrink:.0f})")
+
+
 def shard_lengths(data_path):
     """Targets per document of the validation shards in `data_path` (as the run splits them)."""
     _, files = train_gpt.find_shards(data_path, "val")
@@ -113,9 +120,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     prior = {name: getattr(args, name) for name in train_gpt.TTT_PRIOR}
     h = train_gpt.Hyperparameters({**os.environ, "TTT": "lora"})
-    shrink = SP8192_TOKENS_PER_SP1024 if h.vocab_size == 8192 else 1.0
-    lengths = shard_lengths(args.val) if args.val else fineweb_lengths(mean=FINEWEB_MEAN * shrink, longest=FINEWEB_MAX * shrink)
-    source = args.val or f"FineWeb-shaped synthetic (log-normal, mean {FINEWEB_MEAN * shrink:.0f}, longest <= {FINEWEB_MAX * shrink:.0f})"
+    lengths, source = (shard_lengths(args.val), args.val) if args.val else fineweb_lengths_for(h)
     print(f"ttt_plan: {len(lengths):,} documents, {int(lengths.sum()):,} targets, longest {int(lengths.max()):,}: {source}")
     print(f"settings: TTT_BATCH_DOCS={h.ttt_batch_docs} TTT_CHUNK={h.ttt_chunk} EVAL_SEQ_LEN={h.eval_seq_len} "
           f"TTT_PHASES={h.ttt_phases or '(none)'}; {args.world} ranks; eval clock before TTT {args.pre_ttt:.0f}s")
