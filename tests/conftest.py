@@ -32,6 +32,17 @@ def make_h(**overrides):
     return train_gpt.Hyperparameters(env)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """In-process models are tiny: with 2 intra-op threads on a busy 2-core machine each matmul waits on the other
+    thread (a forward took ~0.6 s instead of ~6 ms), so tests run single-threaded (subprocess runs set their own)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smoke_dataset(tmp_path_factory):
     """(data_path, tokenizer_path) of a ~1/3 MB-token docstring dataset built once per session."""
@@ -60,6 +71,17 @@ def run_train(env, out_dir, nproc=1, timeout=600):
     proc = subprocess.run(cmd, env=full, cwd=str(out_dir), capture_output=True, text=True, timeout=timeout)
     log_path = out_dir / "logs" / f"{full['RUN_ID']}.txt"
     return proc, (log_path.read_text() if log_path.exists() else "")
+
+
+def randomized(h, seed=0):
+    """The model for settings h with every parameter moved off its init (no zero-init piece can hide a path)."""
+    import torch
+    torch.manual_seed(seed)
+    model = train_gpt.build_model(h)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
 
 
 def tiny_run_env(dataset, **overrides):

@@ -3,25 +3,16 @@ eager and compiled; exact varlen document starts and a bounded number of compile
 rules applied to every SDPA call the script makes; and the tiny end-to-end run (LoRA TTT) both ways."""
 import json
 import re
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, make_h, run_train, tiny_run_env
+from conftest import ROOT, make_h, randomized, run_train, tiny_run_env
 import train_gpt
 
 STANDIN = ROOT / "tests" / "fa3_standin"
 BOS = train_gpt.BOS_ID
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
@@ -32,15 +23,6 @@ def fa3(monkeypatch):
     monkeypatch.setattr(train_gpt, "fa3_attention", flash_attn_interface.flash_attn_func)
     monkeypatch.setattr(train_gpt, "fa3_varlen_attention", flash_attn_interface.flash_attn_varlen_func)
     return flash_attn_interface
-
-
-def randomized(h, seed=0):
-    torch.manual_seed(seed)
-    model = train_gpt.build_model(h)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
 
 
 def crowded_ids(B=3, T=64, seed=0, every=3):

@@ -1,6 +1,5 @@
 """The CUDA code path as far as a CPU can run it: bf16 autocast, torch.compile(fullgraph) and DDP over gloo; the
 evaluation graph compiled once; fp32 Hessians under autocast; and tools/gpu_check.py --cpu end to end."""
-import contextlib
 import re
 import shutil
 import subprocess
@@ -9,28 +8,11 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, make_h, run_train, tiny_run_env
+from conftest import ROOT, make_h, randomized, run_train, tiny_run_env
 import train_gpt
 
 needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                                     reason="inductor needs a C++ compiler on the CPU")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def randomized(h, seed=0):
-    torch.manual_seed(seed)
-    model = train_gpt.build_model(h)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
 
 
 def test_bf16_autocast_runs_the_residual_stream_in_bf16_and_matches_fp32():

@@ -65,16 +65,6 @@ def sample_ids(vocab, B=2, T=32, seed=0):
     return ids
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: with 2 intra-op threads on a busy 2-core machine each matmul waits on the other thread
-    (a forward took ~0.6 s instead of ~6 ms), so this module runs single-threaded and restores the setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------------------------------
 # 1. Causality.
 

@@ -35,15 +35,6 @@ CONTROL_FRAGMENTS = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_wei
 FULL = dict(VE_DIM=16, VE_LAYERS="2,3")  # the default tiny stack plus value embeddings: every parameter kind
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two OpenMP threads on this 2-core box stall for seconds at a time; one thread is several times faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def rtn_qstate(state, h):
     """Every tensor on its default grid, by rounding: what export_artifact starts from without Hessians."""
     return {n: (train_gpt.quantize_tensor(t, *plan, h)[0] if (plan := train_gpt.export_plan(n, t, h))

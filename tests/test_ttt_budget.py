@@ -192,8 +192,6 @@ def test_compiled_ttt_compiles_each_graph_once():
     luts = (torch.ones(1024, dtype=torch.int64), torch.zeros(1024, dtype=torch.bool), torch.zeros(1024, dtype=torch.bool))
     torch._dynamo.reset()
     counters.clear()
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
         train_fn, lora_fn, lora = train_gpt.compile_ttt(run, model)
         warm = counters["stats"]["unique_graphs"]
@@ -204,5 +202,4 @@ def test_compiled_ttt_compiles_each_graph_once():
         assert counters["stats"]["unique_graphs"] == warm  # nothing compiled after the warm-up
         assert 0 < stats["adapted_batches"] < stats["batches"] and stats["phases"] == 1
     finally:
-        torch.set_num_threads(n)
         torch._dynamo.reset()
