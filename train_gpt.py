@@ -2433,6 +2433,13 @@ def evaluate_trained(run, data, trained):
     return pre
 
 
+def train_to_export(run, data):
+    """The phases before an export, in order (main() and the export-comparison tools): (trained, hessians, pre)."""
+    trained = train(run, data)
+    hessians = calibrate(run, trained)
+    return trained, hessians, evaluate_trained(run, data, trained)
+
+
 def export(run, trained, hessians):
     """Every rank quantizes and compresses its share; rank 0 writes the artifact. Returns its path."""
     h, log = run.h, run.log
@@ -2612,9 +2619,7 @@ def main():
         if run.h.eval_artifact:  # evaluate an existing artifact with these settings: no training, no outputs
             summarize(run, None, run.h.eval_artifact, evaluate_artifact(run, data, run.h.eval_artifact))
         else:
-            trained = train(run, data)
-            hessians = calibrate(run, trained)
-            pre = evaluate_trained(run, data, trained)
+            trained, hessians, pre = train_to_export(run, data)
             artifact = export(run, trained, hessians)
             results = evaluate_artifact(run, data, artifact)
             write_submission(run, trained, pre, artifact, results)

@@ -20,9 +20,7 @@ import train_gpt  # noqa: E402
 def main():
     run = train_gpt.start_run()
     data = train_gpt.Data(run)
-    trained = train_gpt.train(run, data)
-    hessians = train_gpt.calibrate(run, trained)
-    pre = train_gpt.evaluate_trained(run, data, trained)
+    trained, hessians, pre = train_gpt.train_to_export(run, data)
     h = run.h
     base_k = (h.attn_clip_k, h.mlp_clip_k, h.embed_clip_k)
 

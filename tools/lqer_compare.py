@@ -16,9 +16,7 @@ import train_gpt  # noqa: E402
 def main():
     run = train_gpt.start_run()
     data = train_gpt.Data(run)
-    trained = train_gpt.train(run, data)
-    hessians = train_gpt.calibrate(run, trained)
-    pre = train_gpt.evaluate_trained(run, data, trained)
+    trained, hessians, pre = train_gpt.train_to_export(run, data)
     h, top_k = run.h, run.h.lqer_top_k or 3
     for k in (0, top_k):
         h.lqer_top_k = k
