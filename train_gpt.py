@@ -147,7 +147,7 @@ HYPERPARAMETERS = [
     ("ZSTD_LEVEL", int, 22, 1, "zstd level of the model file (each frame is the smaller of zstd and lzma)"),
     ("ARTIFACT_CAP_BYTES", int, 16_000_000, 1, "cap on code + model bytes; export fits under it"),
     ("BUDGET_FILL", bool, True, None, "spend the bytes left under the cap on finer grids where they cut the most error"),
-    ("LQER_TOP_K", int, 0, 0, "LQER: a low-rank correction of the K quantized matrices with the largest error (0: off)"),
+    ("LQER_TOP_K", int, 0, 0, "LQER: the K quantized matrices of largest error may take a low-rank correction where it beats a finer grid per byte (0: off)"),
     ("LQER_RANK", int, 4, 1, "LQER rank: A int2 (one scale), B int4 in groups of 64"),
     # evaluation
     ("EVAL_SEQ_LEN", int, 0, 0, "evaluation window (0: TRAIN_SEQ_LEN)"),
@@ -496,10 +496,16 @@ def load_validation_tokens(data_path, seq_len):
     return pattern, torch.from_numpy(tokens[:usable + 1].astype(np.int64))
 
 
+def sidecar_pattern(data_path):
+    """The validation byte sidecar's file pattern when one sits beside the shards (nothing is read), else None."""
+    pattern = os.path.join(data_path, "fineweb_val_bytes_*.bin")
+    return pattern if glob.glob(pattern) else None
+
+
 def load_byte_sidecar(data_path):
     """The validation byte sidecar (fineweb_val_bytes_*.bin, the shard format): count i is the original-text UTF-8
     bytes of validation token i (0 for BOS), for tokens that do not spell their text (CaseOps). None when absent."""
-    if not glob.glob(os.path.join(data_path, "fineweb_val_bytes_*.bin")):
+    if not sidecar_pattern(data_path):
         return None
     pattern, files = find_shards(data_path, "val_bytes")
     counts = np.concatenate([read_shard(f) for f in files])
@@ -1130,9 +1136,10 @@ def gptq_quantize(w, hessian, scale, bits, block=128, damp=0.01):
     return codes[:, torch.argsort(order)]
 
 
-def quantize_tensor(w, bits, clip_k, h, hessian=None):
+def quantize_tensor(w, bits, clip_k, h, hessian=None, lqer_rank=0):
     """{"codes", "scale", "bits"} of one matrix: GPTQ when a Hessian is given (damping x10, x100 if its Cholesky
-    fails, then rounding), else rounding. Also returns a note when it had to fall back."""
+    fails, then rounding), else rounding; with lqer_rank, plus the LQER factors of what is left, where they cut it.
+    Also returns a note when it had to fall back."""
     w = w.detach().float()
     scale, note = row_scales(w, bits, clip_k, h), None
     codes = None
@@ -1148,7 +1155,12 @@ def quantize_tensor(w, bits, clip_k, h, hessian=None):
             note = "Cholesky failed at every damping; rounded instead of GPTQ"
     if codes is None:
         codes = quantize_rows(w, scale, bits)
-    return {"codes": codes.to(torch.int8).cpu(), "scale": scale.half().cpu(), "bits": bits}, note
+    entry = {"codes": codes.to(torch.int8).cpu(), "scale": scale.half().cpu(), "bits": bits}
+    if lqer_rank:  # int2 x int4 factors can add more error than they remove (an int8 grid's, on the docs proxy)
+        error = w.cpu() - dequantize_entry(entry)
+        factors = lqer_factors(error, lqer_rank)
+        entry.update(factors if (error - lqer_product(factors)).norm() < error.norm() else {})
+    return entry, note
 
 
 LQER_GROUP = 64
@@ -1181,15 +1193,8 @@ def dequantize_state(qstate):
     return {name: dequantize_entry(e) for name, e in qstate.items()}
 
 
-def add_lqer(state, qstate, names, h):
-    """{name: factors} for the LQER_TOP_K of `names` with the largest quantization error (Frobenius, as the records)
-    whose B splits into groups, kept only where the rounded factors cut that error (on an int8 grid int2 x int4
-    factors can add more than they remove: measured on the docs proxy)."""
-    fits = [n for n in names if h.lqer_rank * state[n].size(1) % LQER_GROUP == 0 and min(state[n].shape) > h.lqer_rank]
-    errors = {n: state[n].detach().float().cpu() - dequantize_entry(qstate[n]) for n in fits}
-    top = sorted(fits, key=lambda n: -float(errors[n].norm()))[:h.lqer_top_k]
-    factors = {n: lqer_factors(errors[n], h.lqer_rank) for n in top}
-    return {n: f for n, f in factors.items() if (errors[n] - lqer_product(f)).norm() < errors[n].norm()}
+def lqer_fits(shape, h):
+    return h.lqer_rank * shape[1] % LQER_GROUP == 0 and min(shape) > h.lqer_rank
 
 
 # Distributed export: rank r handles its share of the tensors (largest first, to the least-loaded rank); every
@@ -1262,6 +1267,8 @@ def compress_code_frames(qstate, names, h, rank=0, world_size=1, log=None):
     progress, mine = Progress(log, "compression", len(share), "tensors") if log else None, {}
     for n in share:
         mine[n] = compress_frame(qstate[n]["codes"].numpy().tobytes(), h.zstd_level, True)
+        if "lqer_a" in qstate[n]:
+            mine[n + "/lqer"] = lqer_frame(qstate[n], h)
         if progress:
             progress.step()
     return gather_dicts(mine, world_size)
@@ -1276,6 +1283,12 @@ def sixteen_bit_frame(qstate, h):
 def lqer_frame(e, h):
     """(method, frame) of a tensor's LQER codes (A then B), one frame after its code frame."""
     return compress_frame(e["lqer_a"].numpy().tobytes() + e["lqer_b"].numpy().tobytes(), h.zstd_level, True)
+
+
+def tensor_bytes(name, qstate, frames):
+    """A quantized tensor's bytes beyond its row scales: its code frame, and its LQER frame and scales."""
+    e = qstate[name]
+    return len(frames[name][1]) + (len(frames[name + "/lqer"][1]) + 2 * (1 + e["lqer_b_scale"].numel()) if "lqer_a" in e else 0)
 
 
 def serialize_quantized(qstate, frames, half_frame):
@@ -1332,35 +1345,48 @@ def estimate_model_bytes(state, h):
 
 
 # Spending the budget: every quantized tensor has a ladder of grids, quarter-bit steps of the quantization step
-# around its default (the clip range kept at least the default's, up to int8). Cheap trials rate each rung by
-# the entropy of its rounded codes (scaled to the exact compressed size of the default) and by its
+# around its default (the clip range kept at least the default's, up to int8); with LQER_TOP_K, the K tensors of
+# largest error also have each grid plus LQER factors. Cheap trials rate each rung by the entropy of its rounded
+# codes (scaled to the exact compressed size of the default; LQER: plus its factors' bytes) and by its
 # Hessian-diagonal-weighted rounding error; a Lagrange multiplier then picks one rung per tensor so that the
-# total lands just under the cap, and only the chosen grids get GPTQ and a real compression.
+# total lands just under the cap (LQER only where it removes more error per byte than a finer grid), and only the
+# chosen grids get GPTQ and a real compression.
 
 LADDER_STEPS = range(-8, 13)  # quantization step x 2^(-j/4): j > 0 is finer
 TARGET_SLACK = 10_000  # aim this far under the cap: the exact sizes after GPTQ differ a little from the trials
 
 
 def grid_ladder(bits, clip_k):
-    """[(bits, clip_k)] from coarsest to finest; rung 0 of LADDER_STEPS is the default grid."""
+    """[(bits, clip_k, LQER rank 0)] from coarsest to finest; rung 0 of LADDER_STEPS is the default grid."""
     step, rungs = clip_k / (2 ** (bits - 1) - 1), []
     for j in LADDER_STEPS:
         s = step * 2 ** (-j / 4)
         b = next((b for b in range(2, 9) if (2 ** (b - 1) - 1) * s >= clip_k - 1e-9), 8)
-        rungs.append((b, (2 ** (b - 1) - 1) * s))
+        rungs.append((b, (2 ** (b - 1) - 1) * s, 0))
     return rungs
 
 
 def rung_trials(w, hdiag, rungs, h):
     """[(estimated bytes, weighted squared error)] of rounding `w` to each rung's grid."""
     w, out = w.detach().float(), []
-    for bits, clip_k in rungs:
+    for bits, clip_k, _ in rungs:
         qmax, scale = 2 ** (bits - 1) - 1, row_scales(w, bits, clip_k, h)
         codes = quantize_rows(w, scale, bits)
         counts = torch.bincount((codes + qmax).flatten().long(), minlength=2 * qmax + 1).double()
         p = counts[counts > 0] / codes.numel()
         entropy_bytes = float(-(p * p.log2()).sum()) * codes.numel() / 8
         out.append((entropy_bytes, float(((w - codes * scale[:, None]).square() * hdiag).sum())))
+    return out
+
+
+def lqer_trials(w, hdiag, rungs, h):
+    """[(bytes of the LQER factors, weighted squared error left)] of correcting each rung's rounding error."""
+    w, out = w.detach().float(), []
+    for bits, clip_k, _ in rungs:
+        scale = row_scales(w, bits, clip_k, h)
+        error = w - quantize_rows(w, scale, bits) * scale[:, None]
+        f = lqer_factors(error, h.lqer_rank)
+        out.append((len(lqer_frame(f, h)[1]) + 2 * (1 + f["lqer_b_scale"].numel()), float(((error - lqer_product(f)).square() * hdiag).sum())))
     return out
 
 
@@ -1398,7 +1424,7 @@ def pick_rungs(trials, budget):
     while True:  # top up with the upgrade that removes the most error per byte
         left = budget - size(choice)
         moves = [((t[i][1] - t[j][1]) / (t[j][0] - t[i][0]), n, j) for n, t in trials.items() for i in [choice[n]]
-                 for j in range(i + 1, len(t)) if 0 < t[j][0] - t[i][0] <= left and t[j][1] < t[i][1]]
+                 for j in range(len(t)) if 0 < t[j][0] - t[i][0] <= left and t[j][1] < t[i][1]]
         if not moves:
             return choice
         _, n, j = max(moves)
@@ -1416,8 +1442,7 @@ def export_artifact(state, h, code_bytes, hessians=None, log=print, rank=0, worl
     ladders = {n: grid_ladder(*plans[n]) for n in quantized}
     default = LADDER_STEPS.index(0)
     rungs, frames, notes = {n: default for n in quantized}, {}, []
-    slack = TARGET_SLACK + h.lqer_top_k * max([h.lqer_rank * (6 * sum(state[n].shape) + 16 * state[n].size(1) // LQER_GROUP) // 8
-                                               for n in quantized] + [0])  # room for LQER: int2 A, int4 B, B's scales
+    slack = TARGET_SLACK
 
     def regrid(names):
         """GPTQ (or rounding) of `names` at their current rungs, then their code frames; all on the ranks in parallel."""
@@ -1425,7 +1450,8 @@ def export_artifact(state, h, code_bytes, hessians=None, log=print, rank=0, worl
         progress = Progress(log, "gptq" if hessians else "quantize", len(share), "tensors") if log else None
         done = {}
         for n in share:
-            done[n], note = quantize_tensor(state[n], *ladders[n][rungs[n]], h, hessians.get(n) if hessians else None)
+            bits, clip_k, lqer_rank = ladders[n][rungs[n]]
+            done[n], note = quantize_tensor(state[n], bits, clip_k, h, hessians.get(n) if hessians else None, lqer_rank)
             done[n]["note"] = note and f"{n}: {note}"
             if progress:
                 progress.step()
@@ -1446,16 +1472,23 @@ def export_artifact(state, h, code_bytes, hessians=None, log=print, rank=0, worl
     regrid(quantized)
     total, blob, ordered, half_method = measure()
     movable = [n for n in quantized if not (h.qat != "off" and n.startswith("blocks."))]  # QAT trained on its grid
-    if movable and (total > cap - slack + TARGET_SLACK or (h.budget_fill and total < cap - slack)):
+    if movable and (total > cap - slack + TARGET_SLACK or (h.budget_fill and total < cap - slack) or h.lqer_top_k):
         share = my_share({n: state[n].numel() for n in movable}, rank, world_size)
         trials = gather_dicts({n: rung_trials(state[n].cpu(), error_weights(n, state, hessians), ladders[n], h)
                                for n in share}, world_size)
         for n in movable:  # scale the entropy estimates to this tensor's exact compressed size at the default grid
             ratio = len(frames[n][1]) / max(trials[n][default][0], 1.0)
             trials[n] = [(b * ratio, e) for b, e in trials[n]]
+        fits = [n for n in movable if lqer_fits(state[n].shape, h)]
+        candidates = sorted(fits, key=lambda n: -trials[n][default][1])[:h.lqer_top_k]
+        extra = gather_dicts({n: lqer_trials(state[n].cpu(), error_weights(n, state, hessians), ladders[n], h)
+                              for n in my_share({n: state[n].numel() for n in candidates}, rank, world_size)}, world_size)
+        for n, twins in extra.items():  # each grid again, with LQER factors
+            trials[n] = trials[n] + [(b + x, e) for (b, _), (x, e) in zip(trials[n], twins)]
+            ladders[n] = ladders[n] + [(bits, k, h.lqer_rank) for bits, k, _ in ladders[n]]
         aim = cap - slack
         for attempt in range(6):
-            others = total - sum(len(frames[n][1]) for n in movable)
+            others = total - sum(tensor_bytes(n, qstate, frames) for n in movable)
             budget = aim - others if h.budget_fill else min(aim - others, sum(trials[n][default][0] for n in movable))
             chosen = pick_rungs(trials, budget)
             changed = [n for n in movable if chosen[n] != rungs[n]]
@@ -1464,29 +1497,17 @@ def export_artifact(state, h, code_bytes, hessians=None, log=print, rank=0, worl
             rungs.update(chosen)
             regrid(changed)
             for n in changed:  # the exact size replaces the estimate of the chosen rung
-                trials[n][rungs[n]] = (len(frames[n][1]), trials[n][rungs[n]][1])
+                trials[n][rungs[n]] = (tensor_bytes(n, qstate, frames), trials[n][rungs[n]][1])
             total, blob, ordered, half_method = measure()
             log(f"artifact_fit: attempt {attempt + 1}: {len(changed)} tensors regridded, total {total} bytes (cap {cap})")
             if total <= cap - slack + TARGET_SLACK and (total >= cap - slack - 40_000 or not h.budget_fill):
                 break
             aim += cap - slack - total  # steer the next attempt by this one's miss
-    lqer = add_lqer(state, qstate, quantized, h) if h.lqer_top_k else {}
-    if lqer:  # the grids were fitted leaving room for the corrections; kept only if the artifact still fits
-        plain = {n: qstate[n] for n in lqer}
-        for n, factors in lqer.items():
-            qstate[n] = {**plain[n], **factors}
-            frames[n + "/lqer"] = lqer_frame(qstate[n], h)
-        with_lqer = measure()
-        if with_lqer[0] <= cap:
-            total, blob, ordered, half_method = with_lqer
-        else:
-            qstate.update(plain)
-            notes.append(f"LQER dropped: {with_lqer[0]} bytes would pass the cap {cap}")
     if total > cap:
         raise RuntimeError(f"could not fit the artifact under {cap} bytes (total {total}); not writing it")
     grids, methods = {}, {}
     for n in quantized:
-        bits, clip_k = ladders[n][rungs[n]]
+        bits, clip_k, _ = ladders[n][rungs[n]]
         key = f"int{bits}/k{clip_k:.1f}"
         grids[key] = grids.get(key, 0) + 1
     for m in [half_method] + [frames[n][0] for n in quantized]:
@@ -2254,25 +2275,33 @@ def start_run():
 
 
 class Data:
-    """What each target is charged (`luts`: the tokenizer's byte tables, or the validation byte sidecar when one sits
-    beside the shards), the training shard list and (for the diagnostics of a training run: periodic and
-    pre-quantization validation) the validation tokens. EVAL_ARTIFACT runs read no validation token before the
-    eval clock starts; the evaluation of the artifact reads them again inside the clock."""
+    """The tokenizer's byte tables, the training shard list and, for a training run's diagnostics (periodic and
+    pre-quantization validation), the validation tokens and what each target is charged. EVAL_ARTIFACT runs read
+    neither tokens nor sidecar before the eval clock starts: the evaluation of the artifact reads them inside it."""
 
     def __init__(self, run):
         h, log = run.h, run.log
         sp = load_tokenizer(h.tokenizer_path)
         h.check_tokenizer(sp)
-        sidecar = load_byte_sidecar(h.data_path)
-        self.luts = sidecar[1].to(run.device) if sidecar else tuple(t.to(run.device) for t in build_byte_luts(sp, h.vocab_size))
+        self.piece_luts = tuple(t.to(run.device) for t in build_byte_luts(sp, h.vocab_size))
         log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.tokenizer_path}")
-        log(f"val_bytes: {f'byte sidecar {sidecar[0]} ({len(sidecar[1])} counts)' if sidecar else 'piece table of the tokenizer'}")
+        sidecar = sidecar_pattern(h.data_path)
+        log(f"val_bytes: {f'byte sidecar {sidecar}' if sidecar else 'piece table of the tokenizer'}")
         val_pattern, _ = find_shards(h.data_path, "val")
         if not h.eval_artifact:
             _, self.train_files = find_shards(h.data_path, "train")
             log(f"train_loader:dataset:{Path(h.data_path).name} train_shards:{len(self.train_files)}")
-            _, self.val_tokens = load_validation_tokens(h.data_path, h.eval_seq_len)
+            self.val_tokens, self.luts = self.validation(run)
             log(f"val_loader:shards pattern={val_pattern} tokens:{self.val_tokens.numel() - 1}")
+
+    def validation(self, run):
+        """(validation tokens, what each target is charged: the sidecar's counts when there is one, else the piece
+        tables), read from disk on every call."""
+        _, tokens = load_validation_tokens(run.h.data_path, run.h.eval_seq_len)
+        sidecar = load_byte_sidecar(run.h.data_path)
+        if sidecar:
+            run.log(f"val_bytes: read {len(sidecar[1])} counts from {sidecar[0]}", console=False)
+        return tokens, sidecar[1].to(run.device) if sidecar else self.piece_luts
 
 
 class Trained:
@@ -2507,7 +2536,7 @@ def evaluate_artifact(run, data, artifact):
     run.phase = "evaluation of the artifact"
     t_eval = time.perf_counter()
     state = dequantize_state(deserialize_quantized(Path(artifact).read_bytes()))
-    _, val_tokens = load_validation_tokens(h.data_path, h.eval_seq_len)
+    val_tokens, luts = data.validation(run)
     model = build_model(h).to(run.device)
     model.set_qat(0.0)
     try:
@@ -2525,11 +2554,11 @@ def evaluate_artifact(run, data, artifact):
         t = time.perf_counter()
         run.phase = f"evaluation of the artifact ({tag})"
         if tag == "final_int6_zstd_roundtrip":
-            res = evaluate(logits_fn, val_tokens, data.luts, h.eval_seq_len, h.eval_seq_len, h.eval_batch_seqs,
+            res = evaluate(logits_fn, val_tokens, luts, h.eval_seq_len, h.eval_seq_len, h.eval_batch_seqs,
                            run.rank, run.world_size, log, tag)
             stride = h.eval_seq_len
         else:
-            scorer, stride = Scorer(val_tokens, data.luts, record=bool(h.dump_nll)), h.eval_stride
+            scorer, stride = Scorer(val_tokens, luts, record=bool(h.dump_nll)), h.eval_stride
             if h.ttt == "off":
                 starts = window_starts(scorer.n, h.eval_seq_len, h.eval_stride)
                 mine = rank_slice(starts, run.rank, run.world_size)

@@ -707,11 +707,11 @@ def export_state():
 def test_grid_ladder_steps_by_quarter_bits():
     for bits, k in ((6, 13.0), (5, 12.0), (8, 20.0)):
         ladder = train_gpt.grid_ladder(bits, k)
-        assert ladder[train_gpt.LADDER_STEPS.index(0)] == (bits, pytest.approx(k))
-        steps = [kk / (2 ** (b - 1) - 1) for b, kk in ladder]
+        assert ladder[train_gpt.LADDER_STEPS.index(0)] == (bits, pytest.approx(k), 0)
+        steps = [kk / (2 ** (b - 1) - 1) for b, kk, _ in ladder]
         for j, (coarse, fine) in enumerate(zip(steps, steps[1:])):
             assert coarse / fine == pytest.approx(2 ** 0.25), j
-        for b, kk in ladder:  # every rung keeps at least the default clip range, or is int8
+        for b, kk, _ in ladder:  # every rung keeps at least the default clip range, or is int8
             assert 2 <= b <= 8 and (kk >= k - 1e-6 or b == 8)
 
 
