@@ -9,6 +9,7 @@ Trains once with train_gpt's own phases, then exports the same weights under a c
 their natural size: with the allocation (BUDGET_FILL=1) and with every *_CLIP_K scaled by the one factor whose
 total fits the cap (bisection). Prints the roundtrip val_bpb and quantization gap of each (`C_RESULT` lines).
 """
+import os
 import sys
 from pathlib import Path
 
@@ -21,12 +22,11 @@ def main():
     run = train_gpt.start_run()
     data = train_gpt.Data(run)
     trained, hessians, pre = train_gpt.train_to_export(run, data)
-    h = run.h
-    base_k = (h.attn_clip_k, h.mlp_clip_k, h.embed_clip_k)
+    base_k = {name: getattr(run.h, name.lower()) for name in ("ATTN_CLIP_K", "MLP_CLIP_K", "EMBED_CLIP_K")}
 
-    def export(cap, fill, scale=1.0):
-        h.artifact_cap_bytes, h.budget_fill = cap, fill
-        h.attn_clip_k, h.mlp_clip_k, h.embed_clip_k = (k * scale for k in base_k)
+    def export(cap, fill, scale=1.0):  # the run's settings with these export ones, validated as a run's are
+        run.h = train_gpt.Hyperparameters({**os.environ, "ARTIFACT_CAP_BYTES": str(cap), "BUDGET_FILL": str(int(fill)),
+                                           "RUN_ID": run.h.run_id, **{n: str(k * scale) for n, k in base_k.items()}})
         artifact = train_gpt.export(run, trained, hessians)
         return artifact, artifact.stat().st_size + run.code_bytes
 

@@ -102,17 +102,18 @@ def ttt_check(run, model, cpu, diagnostic_rate, report):
     import train_gpt
     import ttt_plan
 
-    h = copy.copy(run.h)
-    h.ttt, h.ttt_phases = "lora", run.h.ttt_phases if run.h.ttt == "lora" else ""
+    def lora_settings(phases):  # the run's settings with LoRA TTT, validated as a run's are
+        return train_gpt.Hyperparameters({**os.environ, "TTT": "lora", "TTT_PHASES": phases})
+    h = lora_settings(run.h.ttt_phases if run.h.ttt == "lora" else "")
     ttt_run = copy.copy(run)
-    ttt_run.h, ttt_run.compile = h, run.compile and not cpu
+    ttt_run.h, ttt_run.compile = lora_settings(""), run.compile and not cpu  # one batch: no phase to run
     docs, L = (4, h.eval_seq_len) if cpu else (h.ttt_batch_docs, h.eval_seq_len)
     lengths = [2 * L - (L * i) // docs for i in range(docs)]
     tokens = torch.randint(4, h.vocab_size, (sum(lengths) + 1,), generator=torch.Generator().manual_seed(0))
     tokens[torch.tensor([0] + lengths).cumsum(0)] = train_gpt.BOS_ID
     luts = (torch.ones(h.vocab_size, dtype=torch.int64), torch.zeros(h.vocab_size, dtype=torch.bool), torch.zeros(h.vocab_size, dtype=torch.bool))
     scorer = train_gpt.Scorer(tokens.to(run.device), tuple(t.to(run.device) for t in luts))
-    h.ttt_phases, t = "", time.perf_counter()  # one batch: no phase to run
+    t = time.perf_counter()
     train_fn, lora_fn, lora = train_gpt.compile_ttt(ttt_run, model)
     run.sync()
     compile_s, t = time.perf_counter() - t, time.perf_counter()
@@ -124,7 +125,6 @@ def ttt_check(run, model, cpu, diagnostic_rate, report):
     report(f"check: TTT batch: {'ok' if ok else 'FAIL'} {docs} documents of {L}-{2 * L} tokens adapted in {batch_s:.1f}s "
            f"({passes / batch_s:,.0f} token passes/s) after a {compile_s:.1f}s {'compile' if ttt_run.compile else 'build (uncompiled)'}; "
            f"cost factor vs the records' prior (TTT_PRIOR): {budget.cost.factors[0]:.2f}")
-    h.ttt_phases = run.h.ttt_phases if run.h.ttt == "lora" else ""
     costs = {k: v * budget.cost.factors[train_gpt.CostModel.GROUPS[k]] for k, v in train_gpt.TTT_PRIOR.items()}
     full = FINEWEB_VAL_TARGETS.get(h.vocab_size, FINEWEB_VAL_TARGETS[1024])
     before = compile_s + full / diagnostic_rate / 8  # the TTT compile and the diagnostic pass come first
@@ -160,14 +160,15 @@ def run_check(cpu, work, report):
     data = train_gpt.Data(run)
 
     t = time.perf_counter()
-    trained = train_gpt.train(run, data)
+    trained, hessians, _ = train_gpt.train_to_export(run, data)  # the run's own phases: train, Hessians, pre-quant eval
     log = Path(run.log.path).read_text()
     times = step_times(log)
     first, last = min(times), max(times)
     ms = (times[last] - times[first]) / (last - first)
     tokens = h.train_batch_tokens
     report(f"check: compiled training (fullgraph, bf16 autocast, grad accumulation {h.batch_layout(1)[0]}): ok "
-           f"{len(times)} steps after {WARMUP_STEPS} warm-up steps; training phase {time.perf_counter() - t:.1f}s incl. compile")
+           f"{len(times)} steps after {WARMUP_STEPS} warm-up steps; training, Hessians and pre-quant evaluation "
+           f"{time.perf_counter() - t:.1f}s incl. compile")
     loop_on = re.search(r"^loop:on step:(\d+)", log, re.M)
     switch = int(loop_on.group(1)) if loop_on else last
     phases = [(False, first, switch), (True, switch, last)] if h.loop else [(False, first, last)]
@@ -199,7 +200,6 @@ def run_check(cpu, work, report):
         diff = (got - ref).abs().max().item()
         report(f"check: document-isolated attention, {'FA3 varlen' if use_fa3 else 'SDPA mask'} vs SDPA mask: "
                f"{'ok' if diff < 0.1 else 'FAIL'} max |logit diff| {diff:.4f} over {docs} documents in 4 rows (bf16 kernels)")
-    hessians = train_gpt.calibrate(run, trained)
     t = time.perf_counter()
     artifact = train_gpt.export(run, trained, hessians)
     total = artifact.stat().st_size + run.code_bytes

@@ -7,8 +7,8 @@ slows all of them alike; the figure per variant is the median over rounds.
       python3 tools/step_bench.py "DOC_ISOLATION=0 LOOP_LAYERS=off PARALLEL_START=off" "DOC_ISOLATION=1" ...
 
 Each argument is one variant: space-separated VAR=VALUE pairs over the environment (an empty string: the
-environment as it is). Real training batches (documents and all), one process, no compile on CPU; a looping
-variant is timed with its loop on. ROUNDS (default 5) and STEPS per round (default 3) set the length.
+environment as it is). The run's own training step and loader (shuffled windows, documents and all), one process,
+no compile on CPU; a looping variant is timed with its loop on. ROUNDS (default 5) and STEPS per round (default 3) set the length.
 """
 import os
 import statistics
@@ -25,25 +25,24 @@ import train_gpt  # noqa: E402
 
 
 class Variant:
+    """One setting's model, optimizers, loader and training step: the run's own (train_gpt.make_train_step)."""
+
     def __init__(self, spec):
         self.name = spec or "(environment)"
         overrides = dict(pair.split("=", 1) for pair in spec.split())
-        self.h = h = train_gpt.Hyperparameters({**os.environ, **overrides})
+        h = train_gpt.Hyperparameters({**os.environ, **overrides})
         torch.manual_seed(h.seed)
+        run = train_gpt.Run(h)
         self.model = train_gpt.build_model(h)
-        self.model.looping = bool(h.loop)
-        self.optimizers = train_gpt.build_optimizers(self.model, h, 0, 1)
+        accum, local_tokens = h.batch_layout(1)
+        self.train_step = train_gpt.make_train_step(run, self.model, train_gpt.Optimizers(self.model, h), accum)
         _, files = train_gpt.find_shards(h.data_path, "train")
-        self.accum, local_tokens = h.batch_layout(1)
-        self.loader = train_gpt.DistributedTokenLoader(files, 0, 1, torch.device("cpu"), local_tokens, h.train_seq_len)
+        self.loader = train_gpt.DistributedTokenLoader(files, 0, 1, run.device, local_tokens, h.train_seq_len, h.seed,
+                                                       starts=self.model.varlen)
         self.times = []
 
     def step(self):
-        for _ in range(self.accum):
-            (self.model(*self.loader.next_batch()) / self.accum).backward()
-        for opt in self.optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        self.train_step(self.loader, 0, 1.0, 1.0)  # at the end of training: a looping variant runs its loop
 
     def time_round(self, steps):
         t = time.perf_counter()

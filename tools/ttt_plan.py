@@ -127,8 +127,8 @@ def main(argv=None):
     print("cost model: " + ", ".join(f"{k} {v:.3g}s" for k, v in prior.items()))
     print(f"{'budget':>10} | {'TTT s per rank (min-max)':>24} | {'targets adapted':>15} | {'phases':>6} | eval clock")
     for budget in (h.ttt_budget_seconds, 1e9):
-        h.ttt_budget_seconds = budget
-        r = simulate(lengths, h, args.world, args.pre_ttt, prior)
+        r = simulate(lengths, train_gpt.Hyperparameters({**os.environ, "TTT": "lora", "TTT_BUDGET_SECONDS": str(budget)}),
+                     args.world, args.pre_ttt, prior)
         label = f"{budget:.0f}s" if budget < 1e9 else "unbounded"
         print(f"{label:>10} | {min(r['rank_seconds']):>10.0f} - {max(r['rank_seconds']):<11.0f} | {100 * r['adapted']:>14.1f}% | "
               f"{r['phases']}/{r['phases_planned']:<4} | {r['eval_clock']:.0f}s")

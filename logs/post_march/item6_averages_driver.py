@@ -20,7 +20,7 @@ def spy(self, step, lr_scale):
 tg.WeightAverager.update = spy
 run = tg.start_run()
 data = tg.Data(run)
-trained = tg.train(run, data)
+trained, _, _ = tg.train_to_export(run, data)  # the run's own phases (the Hessians and pre-quant pass are not used here)
 params = list(trained.model.parameters())
 steps = sorted(snaps)
 print("SNAP steps", steps[0], "..", steps[-1], "lr_scale at end", snaps[steps[-1]][1], flush=True)
