@@ -124,13 +124,11 @@ HYPERPARAMETERS = [
     ("BETA2", float, 0.99, 0, "Adam beta2"),
     ("ADAM_EPS", float, 1e-8, 0, "Adam epsilon"),
     ("GRAD_CLIP_NORM", float, 0.3, 0, "global grad-norm clip (0: off)"),
-    # weight averaging and QAT
+    # weight averaging
     ("AVERAGING", ("ema", "swa", "none"), "ema", None, "which weight average is exported"),
     ("EMA_DECAY", float, 0.9965, 0, "EMA decay per step; the EMA starts at step 2/(1-EMA_DECAY), before it the live weights"),
     ("SWA_EVERY", int, 50, 1, "SWA snapshot interval in steps"),
     ("SWA_START_LR_SCALE", float, 0.4, 0, "SWA collects once the LR multiplier falls below this"),
-    ("QAT", ("off", "on", "late"), "off", None, "int STE fake-quant of block linears: off, whole run, or late"),
-    ("QAT_START_LR_SCALE", float, 0.15, 0, "late QAT switches on once the LR multiplier falls below this"),
     # export
     ("GPTQ", bool, True, None, "full-Hessian GPTQ (Hessians from training batches inside the clock)"),
     ("GPTQ_CALIB_BATCHES", int, 16, 1, "training micro-batches per rank for GPTQ Hessians"),
@@ -287,7 +285,7 @@ class Hyperparameters:
         need(self.xsa_last_n <= self.num_layers, f"XSA_LAST_N must be <= NUM_LAYERS ({self.num_layers}); got {self.xsa_last_n}")
         need(not (self.smear_gate or self.attn_gate) or self.model_dim >= 12, "SMEAR_GATE and ATTN_GATE need MODEL_DIM >= 12")
         need(self.bigram_buckets != 1, "BIGRAM_BUCKETS must be 0 (off) or >= 2")
-        for name in ("WARMDOWN_FRAC", "MIN_LR", "SWA_START_LR_SCALE", "QAT_START_LR_SCALE", "LOOP_START_FRAC", "WD_TAPER_START_FRAC"):
+        for name in ("WARMDOWN_FRAC", "MIN_LR", "SWA_START_LR_SCALE", "LOOP_START_FRAC", "WD_TAPER_START_FRAC"):
             need(getattr(self, name.lower()) <= 1, f"{name} must be in [0, 1]; got {getattr(self, name.lower())}")
         for name in ("EMA_DECAY", "BETA1", "BETA2"):
             need(getattr(self, name.lower()) < 1, f"{name} must be in [0, 1); got {getattr(self, name.lower())}")
@@ -300,7 +298,6 @@ class Hyperparameters:
         need(not (self.ttt == "sgd" or phases) or self.ttt_sgd_chunk % self.eval_seq_len == 0,
              f"TTT_SGD_CHUNK ({self.ttt_sgd_chunk}) must be a multiple of EVAL_SEQ_LEN ({self.eval_seq_len})")
         need(not self.eval_artifact or os.path.isfile(self.eval_artifact), f"EVAL_ARTIFACT {self.eval_artifact} is not a file")
-        need(self.qat == "off" or self.export_clip == "sdclip", "QAT needs EXPORT_CLIP=sdclip: the STE grid is the SDClip grid")
         need(self.zstd_level <= 22, f"ZSTD_LEVEL must be in 1..22; got {self.zstd_level}")
         need(not (self.gptq and self.max_wallclock_seconds) or self.gptq_reserve_seconds < self.max_wallclock_seconds,
              f"GPTQ_RESERVE_SECONDS ({self.gptq_reserve_seconds}) must be below MAX_WALLCLOCK_SECONDS ({self.max_wallclock_seconds})")
@@ -603,24 +600,12 @@ def quantize_rows(w, scale, bits):
     qmax = 2 ** (bits - 1) - 1
     return torch.clamp(torch.round(w.float() / scale[:, None]), -qmax, qmax)
 
-def fake_quant(w, bits, clip_k):
-    """Round-trip through the exporter's per-row int grid (SDClip scales, symmetric +-qmax)."""
-    scale = sdclip_scales(w, bits, clip_k)
-    return (quantize_rows(w, scale, bits) * scale[:, None]).to(w.dtype)
-
 class CastedLinear(nn.Linear):
-    """Bias-free linear; QAT's STE fake-quant switches on through a buffer, so compiled graphs see the switch."""
+    """Bias-free linear (zero_init: its init is zeros)."""
 
     def __init__(self, in_features, out_features, zero_init=False):
         super().__init__(in_features, out_features, bias=False)
-        self.zero_init, self.qat_bits, self.qat_clip_k = zero_init, 0, 0.0
-        self.register_buffer("qat_alpha", torch.zeros(()), persistent=False)
-
-    def forward(self, x):
-        w = self.weight
-        if self.qat_bits:
-            w = w + self.qat_alpha * (fake_quant(w, self.qat_bits, self.qat_clip_k) - w).detach()
-        return F.linear(x, w)
+        self.zero_init = zero_init
 
 def apply_rope(x, cos, sin):
     """Half-split rotation of the first 2*cos.size(-1) dims of each head; the rest pass through (partial RoPE)."""
@@ -877,22 +862,10 @@ class GPT(nn.Module):
         logits = self.forward_logits(input_ids, None, cu_seqlens)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), target_ids.reshape(-1))
 
-    def set_qat(self, alpha):
-        for module in self.modules():
-            if isinstance(module, CastedLinear):
-                module.qat_alpha.fill_(alpha)
-
 def build_model(h, use_fa3=None):
-    """The GPT for settings h (attention kernel: use_fa3, as configure_attention decided), with QAT's fake-quant
-    wired to the exporter's grid when QAT is not off."""
+    """The GPT for settings h, its attention kernel as configure_attention decided (use_fa3)."""
     model = GPT(h)
     model.use_fa3 = model.use_fa3 if use_fa3 is None else use_fa3
-    if h.qat != "off":
-        for name, module in model.named_modules():
-            plan = export_plan(name + ".weight", module.weight, h) if isinstance(module, CastedLinear) else None
-            if plan and name.startswith("blocks."):
-                module.qat_bits, module.qat_clip_k = plan
-        model.set_qat(1.0 if h.qat == "on" else 0.0)
     return model
 
 # ----------------------------------------------------------------------------------------------------
@@ -2203,7 +2176,7 @@ def train(run, data):
         warm_up(run, model, optimizers, train_step, new_loader())
     loader, averager = new_loader(), WeightAverager(model, h)
     cap_ms = 1000 * (h.max_wallclock_seconds - (h.gptq_reserve_seconds if h.gptq else 0)) if h.max_wallclock_seconds else 0.0
-    step, train_ms, stop, looping, qat_live = 0, 0.0, False, None, h.qat == "on"
+    step, train_ms, stop, looping = 0, 0.0, False, None
     run.sync()
     t0 = time.perf_counter()
     while True:
@@ -2226,10 +2199,6 @@ def train(run, data):
         scale, frac = lr_multiplier(h, step, elapsed_ms, cap_ms), training_fraction(h, step, elapsed_ms, cap_ms)
         if looping is False and loop_on(h, frac):  # the warm-up compiled this graph too: no training time is lost
             log(f"loop:on step:{step} layers {h.loop[0]}-{h.loop[1]} x{h.loop_repeats + 1} ({len(model.looped)} virtual layers)")
-        if h.qat == "late" and not qat_live and scale < h.qat_start_lr_scale:
-            model.set_qat(1.0)
-            qat_live = True
-            log(f"late_qat:on step:{step} lr_scale:{scale:.4f}")
         looping, loss = loop_on(h, frac), train_step(loader, step, frac, scale)
         step += 1
         averager.update(step, scale)
@@ -2246,7 +2215,6 @@ def train(run, data):
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     log(f"weight_averaging: exporting {averager.apply_to(model)}")
-    model.set_qat(0.0)
     model.looping = bool(h.loop)  # evaluation runs the loop; LOOP_START_FRAC < 1 means training switched it on
     return Trained(model, loader, step, train_ms)
 
@@ -2361,7 +2329,6 @@ def evaluate_artifact(run, data, artifact):
     state = dequantize_state(deserialize_quantized(Path(artifact).read_bytes()))
     val_tokens, luts = data.validation(run)
     model = build_model(h, run.use_fa3).to(run.device)
-    model.set_qat(0.0)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
