@@ -1046,11 +1046,10 @@ class WeightAverager:
     settle that long). SWA: the mean of snapshots every SWA_EVERY steps once the LR multiplier < SWA_START_LR_SCALE."""
 
     def __init__(self, model, h):
-        self.mode, self.h, self.count = h.averaging, h, 0
+        self.mode, self.h, self.count, self.params = h.averaging, h, 0, list(model.parameters())
         self.ema_start = round(2 / (1 - h.ema_decay))
-        self.params = list(model.parameters())
-        start = {"ema": lambda p: p.detach().float().clone(), "swa": lambda p: torch.zeros_like(p, dtype=torch.float32)}
-        self.avg = [start[self.mode](p) for p in self.params] if self.mode in start else []
+        self.avg = [] if self.mode == "none" else [p.detach().float().clone() if self.mode == "ema" else
+                                                   torch.zeros_like(p, dtype=torch.float32) for p in self.params]
 
     @torch.no_grad()
     def update(self, step, lr_scale):
@@ -1073,8 +1072,8 @@ class WeightAverager:
         return f"EMA decay {self.h.ema_decay}" if self.mode == "ema" else f"SWA of {self.count} snapshots"
 
 # ----------------------------------------------------------------------------------------------------
-# Quantization and export: per-row int-k codes (GPTQ or rounding) with optional LQER corrections, fp16
-# passthrough, each frame the smaller of zstd and lzma; the grids chosen so that the artifact fills the cap.
+# Quantization and export: per-row int-k codes (GPTQ or rounding) with optional LQER corrections and fp16
+# passthrough, in frames of zstd or lzma; each tensor's grid chosen so that the artifact fills the cap.
 
 def export_plan(name, tensor, h):
     """(bits, clip_k) for a tensor that is quantized, None for fp16 passthrough. QAT uses the same plan."""
@@ -1099,14 +1098,13 @@ def row_scales(w, bits, clip_k, h):
     return sdclip_scales(w, bits, clip_k) if h.export_clip == "sdclip" else search_clip_scales(w, bits)
 
 def gptq_quantize(w, hessian, scale, bits, damp=0.01, block=128):
-    """Full-Hessian GPTQ: quantize columns in order of decreasing H_ii, pushing each rounding error onto the
-    not-yet-quantized columns through the Cholesky factor of H^-1. Returns integer codes (as float); raises
-    torch.linalg.LinAlgError when H + damping is not positive definite."""
+    """Full-Hessian GPTQ: quantize columns in order of decreasing H_ii, pushing each rounding error onto the later
+    columns through the Cholesky factor of H^-1. Returns integer codes (as float); raises LinAlgError if H + damping
+    is not positive definite."""
     qmax = 2 ** (bits - 1) - 1
     w, H = w.float().clone(), hessian.float().clone()
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    H[dead, dead], w[:, dead] = 1.0, 0.0
     H += damp * torch.diag(H).mean() * torch.eye(H.size(0), device=H.device)
     order = torch.argsort(torch.diag(H), descending=True)
     w, H = w[:, order], H[order][:, order]
@@ -1116,32 +1114,27 @@ def gptq_quantize(w, hessian, scale, bits, damp=0.01, block=128):
         i2 = min(i1 + block, w.size(1))
         wb, errs = w[:, i1:i2].clone(), torch.zeros(w.size(0), i2 - i1, device=w.device)
         for j in range(i2 - i1):
-            q = torch.clamp(torch.round(wb[:, j] / s), -qmax, qmax)
-            codes[:, i1 + j] = q
-            err = (wb[:, j] - q * s) / U[i1 + j, i1 + j]
+            codes[:, i1 + j] = q = torch.clamp(torch.round(wb[:, j] / s), -qmax, qmax)
+            errs[:, j] = err = (wb[:, j] - q * s) / U[i1 + j, i1 + j]
             wb[:, j:] -= err[:, None] * U[i1 + j, i1 + j:i2][None, :]
-            errs[:, j] = err
         w[:, i2:] -= errs @ U[i1:i2, i2:]
     return codes[:, torch.argsort(order)]
 
 GPTQ_DAMPING = (0.01, 0.1, 1.0)  # x mean(diag H): GPTQ's usual, then x10 and x100 while the Cholesky fails
 
-def gptq_or_round(w, hessian, scale, bits):
-    """(codes, note): GPTQ at the first damping whose Cholesky succeeds, else rounding; the note says what gave way."""
+def quantize_tensor(w, bits, clip_k, h, hessian=None, lqer_rank=0):
+    """(entry, note): {"codes", "scale", "bits"} of a matrix, by GPTQ given a Hessian (else, or if every damping
+    fails, by rounding; the note says what gave way); with lqer_rank, plus LQER factors where they cut the error."""
+    w = w.detach().float()
+    scale, codes, note = row_scales(w, bits, clip_k, h), None, None
     for damp in GPTQ_DAMPING if hessian is not None else ():
         try:
             codes = gptq_quantize(w, hessian.to(w.device), scale, bits, damp)
-            return codes, None if damp == GPTQ_DAMPING[0] else f"Cholesky failed; GPTQ with damping {damp:g}"
+            note = None if damp == GPTQ_DAMPING[0] else f"Cholesky failed; GPTQ with damping {damp:g}"
+            break
         except torch.linalg.LinAlgError:
-            continue
-    return quantize_rows(w, scale, bits), None if hessian is None else "Cholesky failed at every damping; rounded instead of GPTQ"
-
-def quantize_tensor(w, bits, clip_k, h, hessian=None, lqer_rank=0):
-    """(entry, note): {"codes", "scale", "bits"} of one matrix, by GPTQ when a Hessian is given, else by rounding;
-    with lqer_rank, plus the LQER factors of what is left where they cut it."""
-    w = w.detach().float()
-    scale = row_scales(w, bits, clip_k, h)
-    codes, note = gptq_or_round(w, hessian, scale, bits)
+            note = "Cholesky failed at every damping; rounded instead of GPTQ"
+    codes = quantize_rows(w, scale, bits) if codes is None else codes
     entry = {"codes": codes.to(torch.int8).cpu(), "scale": scale.half().cpu(), "bits": bits}
     if lqer_rank:  # int2 x int4 factors can add more error than they remove
         error = w.cpu() - dequantize_entry(entry)
@@ -1165,9 +1158,6 @@ def lqer_product(e):
     b = (e["lqer_b"].float().view(-1, LQER_GROUP) * e["lqer_b_scale"].float()[:, None]).view(e["lqer_b"].shape)
     return (e["lqer_a"].float() * e["lqer_a_scale"].float()) @ b
 
-def lqer_fits(shape, h):
-    return h.lqer_rank * shape[1] % LQER_GROUP == 0 and min(shape) > h.lqer_rank
-
 def dequantize_entry(e):
     if "codes" not in e:
         return e["raw"].float()
@@ -1178,8 +1168,8 @@ def dequantize_state(qstate):
     return {name: dequantize_entry(e) for name, e in qstate.items()}
 
 def on_ranks(fn, costs, rank=0, world_size=1, log=None, label=None):
-    """{name: fn(name)} for every name of `costs`, each computed on one rank (largest cost first, to the least-loaded
-    rank) and then sent to all, so that every rank takes the same branches afterwards."""
+    """{name: fn(name)} for each name of `costs`, computed on one rank (largest cost first, to the least-loaded rank)
+    and sent to all, so that every rank takes the same branches afterwards. With a label, logs progress."""
     load, owner = [0] * world_size, {}
     for name in sorted(costs, key=lambda n: -costs[n]):
         owner[name] = load.index(min(load))
@@ -1197,8 +1187,8 @@ def on_ranks(fn, costs, rank=0, world_size=1, log=None, label=None):
     return {n: merged[n] for n in costs}
 
 # The artifact: MAGIC | u32 header length | JSON header | frames. Frame 0 holds every 16-bit value (row scales,
-# LQER scales, passthrough tensors); then a frame of int8 codes per quantized tensor (and one of its LQER codes), so
-# the file size is a sum of independent frame sizes and frames compress in parallel. The header names each
+# LQER scales, passthrough tensors), then each quantized tensor has a frame of int8 codes (and one of LQER codes):
+# the file size is a sum of independent frame sizes, and frames compress in parallel. The header names each
 # frame's method: zstd or lzma, whichever is smaller, on the bytes as they are or byte-shuffled.
 
 ARTIFACT_MAGIC = b"PGQ3"
@@ -1214,14 +1204,12 @@ def byte_unshuffle(data):
     return bytes(out)
 
 def zstd_compress(data, level, min_match=None):
-    """zstd at `level`; min_match=6 for code frames: on noise-like int codes zstd-22's 3-byte matches cost more
-    than they save."""
+    """min_match=6 for code frames: on noise-like int codes zstd-22's 3-byte matches cost more than they save."""
     params = zstandard.ZstdCompressionParameters.from_level(level, **({"min_match": min_match} if min_match else {}))
     return zstandard.ZstdCompressor(compression_params=params).compress(data)
 
 def compress_frame(data, level, codes, shuffle=False):
-    """(method, frame): the smallest of zstd and lzma on the data as is (shuffle False), byte-shuffled (True) or
-    both (None)."""
+    """(method, frame): the smallest of zstd and lzma on the data as is (shuffle False), byte-shuffled (True) or both."""
     variants = ([("", data)] if shuffle is not True else []) + ([("+shuffle", byte_shuffle(data))] if shuffle is not False else [])
     return min([(f"zstd{suffix}", zstd_compress(raw, level, 6 if codes else None)) for suffix, raw in variants]
                + [(f"lzma{suffix}", lzma.compress(raw, preset=LZMA_PRESET)) for suffix, raw in variants], key=lambda c: len(c[1]))
@@ -1231,17 +1219,12 @@ def decompress_frame(method, frame):
     return byte_unshuffle(data) if method.endswith("+shuffle") else data
 
 def lqer_frame(e, h):
-    """(method, frame) of a tensor's LQER codes, A then B."""
     return compress_frame(e["lqer_a"].numpy().tobytes() + e["lqer_b"].numpy().tobytes(), h.zstd_level, True)
 
-def compress_code_frames(qstate, names, h, rank=0, world_size=1, log=None):
-    """{name: (method, frame)} for the codes of `names` (and {name + "/lqer": ...} for their LQER codes), by the
-    ranks in parallel."""
-    def frames(n):
-        e = qstate[n]
-        return {n: compress_frame(e["codes"].numpy().tobytes(), h.zstd_level, True)} | ({n + "/lqer": lqer_frame(e, h)} if "lqer_a" in e else {})
-    done = on_ranks(frames, {n: qstate[n]["codes"].numel() for n in names}, rank, world_size, log, "compression")
-    return {k: v for part in done.values() for k, v in part.items()}
+def code_frames(name, e, h):
+    """{name: (method, frame)} of a quantized tensor's codes, and {name + "/lqer": ...} of its LQER codes (A then B)."""
+    frames = {name: compress_frame(e["codes"].numpy().tobytes(), h.zstd_level, True)}
+    return frames | ({name + "/lqer": lqer_frame(e, h)} if "lqer_a" in e else {})
 
 def sixteen_bit_frame(qstate, h):
     halves = [t.numpy().tobytes() for e in qstate.values() for t in
@@ -1249,13 +1232,13 @@ def sixteen_bit_frame(qstate, h):
     return compress_frame(b"".join(halves), h.zstd_level, False, h.byte_shuffle)
 
 def tensor_bytes(name, qstate, frames):
-    """A quantized tensor's bytes beyond its row scales: its code frame, and its LQER frame and scales."""
+    """A quantized tensor's bytes beyond its row scales: its code frame, and its LQER frame and 16-bit scales."""
     e = qstate[name]
     return len(frames[name][1]) + (len(frames[name + "/lqer"][1]) + 2 * (1 + e["lqer_b_scale"].numel()) if "lqer_a" in e else 0)
 
 def serialize_quantized(qstate, frames, half_frame):
-    """The artifact of the quantized state, its code frames (compress_code_frames) and its 16-bit frame. A tensor's
-    header entry is [name, shape, bits], plus its LQER rank when it has one."""
+    """The artifact of a quantized state, its code frames and 16-bit frame; a header entry [name, shape, bits] gains
+    the tensor's LQER rank when it has one."""
     tensors = [[name, list((e["codes"] if "codes" in e else e["raw"]).shape), e.get("bits", 16)]
                + ([e["lqer_a"].size(1)] if "lqer_a" in e else []) for name, e in qstate.items()]
     order = [half_frame] + [frames[key] for name, e in qstate.items() if "codes" in e
@@ -1271,14 +1254,12 @@ def deserialize_quantized(blob):
     for method, size in meta["frames"]:
         frames.append(decompress_frame(method, blob[offset:offset + size]))
         offset += size
-    halves, used = torch.frombuffer(bytearray(frames[0]), dtype=torch.float16), 0
-    codes, out = (torch.frombuffer(bytearray(f), dtype=torch.int8) for f in frames[1:]), {}
-
+    halves, used, out = torch.frombuffer(bytearray(frames[0]), dtype=torch.float16), 0, {}
+    codes = (torch.frombuffer(bytearray(f), dtype=torch.int8) for f in frames[1:])
     def take(k):  # the next k 16-bit values
         nonlocal used
         used += k
         return halves[used - k:used].clone()
-
     for name, shape, bits, *lqer in meta["tensors"]:
         if bits > 8:
             out[name] = {"raw": take(math.prod(shape)).view(shape)}
@@ -1320,8 +1301,8 @@ def grid_ladder(bits, clip_k):
     return rungs
 
 def rung_trials(w, hdiag, rungs, h, lqer=False):
-    """[(estimated bytes, weighted squared error)] of rounding `w` to each rung's grid: the codes' entropy; with
-    lqer, the bytes of the LQER factors that correct the rounding, and the error they leave."""
+    """[(bytes, weighted squared error)] of rounding `w` to each rung's grid, the bytes at the codes' entropy; with
+    lqer, the bytes of LQER factors that correct the rounding, and the error they leave."""
     w, out = w.detach().float(), []
     for bits, clip_k, _ in rungs:
         scale = row_scales(w, bits, clip_k, h)
@@ -1329,7 +1310,8 @@ def rung_trials(w, hdiag, rungs, h, lqer=False):
         error = w - codes * scale[:, None]
         if lqer:
             f = lqer_factors(error, h.lqer_rank)
-            out.append((len(lqer_frame(f, h)[1]) + 2 * (1 + f["lqer_b_scale"].numel()), float(((error - lqer_product(f)).square() * hdiag).sum())))
+            lqer_bytes = len(lqer_frame(f, h)[1]) + 2 * (1 + f["lqer_b_scale"].numel())
+            out.append((lqer_bytes, float(((error - lqer_product(f)).square() * hdiag).sum())))
             continue
         counts = torch.bincount((codes + 2 ** (bits - 1) - 1).flatten().long(), minlength=2 ** bits - 1).double()
         p = counts[counts > 0] / codes.numel()
@@ -1337,9 +1319,9 @@ def rung_trials(w, hdiag, rungs, h, lqer=False):
     return out
 
 def error_weights(name, state, hessians):
-    """Per-column weights of a tensor's squared rounding error in one unit for all (squared output error per token):
-    a linear layer's input Hessian diagonal (ones without one); for a lookup table, 1/rows (the share of tokens
-    that read a row) times the mean squared gain of the scaled projection after it."""
+    """Per-column weights of a tensor's squared rounding error, in squared output error per token for all tensors:
+    a linear layer's input Hessian diagonal (ones without one); a lookup table's, 1/rows (the share of tokens that
+    read a row) times the mean squared gain of the scaled projection after it."""
     if hessians and name in hessians:
         return torch.diagonal(hessians[name]).float().cpu().clamp_min(0)
     rows, cols = state[name].shape
@@ -1350,14 +1332,12 @@ def error_weights(name, state, hessians):
     return torch.full((cols,), float(gain) / rows)
 
 def pick_rungs(trials, budget):
-    """{name: rung} minimising the total error subject to total bytes <= budget: a Lagrange multiplier found by
-    bisection, then the bytes left spent on the upgrades that remove the most error per byte."""
+    """{name: rung} of least total error within `budget` bytes: a Lagrange multiplier found by bisection, then the
+    bytes left spent on the upgrades that remove the most error per byte."""
     def choose(lam):
         return {n: min(range(len(t)), key=lambda i: t[i][1] + lam * t[i][0]) for n, t in trials.items()}
-
     def size(choice):
         return sum(trials[n][i][0] for n, i in choice.items())
-
     lo, hi = 0.0, 1.0
     while size(choose(hi)) > budget and hi < 1e30:
         lo, hi = hi, hi * 16
@@ -1375,12 +1355,12 @@ def pick_rungs(trials, budget):
         choice[n] = j
 
 class Export:
-    """One export in progress: each quantized tensor's ladder and current rung, the quantized state, the code
-    frames, and the artifact of the current grids with its exact total bytes (code included)."""
+    """One export in progress: each quantized tensor's ladder of grids and current rung, the quantized state and
+    its frames, and the artifact of the current grids with its exact total bytes (code included)."""
 
     def __init__(self, state, h, code_bytes, hessians, log, rank, world_size):
-        self.state, self.h, self.code_bytes, self.hessians, self.log = state, h, code_bytes, hessians, log
-        self.rank, self.world_size, self.frames, self.notes = rank, world_size, {}, []
+        self.state, self.h, self.code_bytes, self.hessians, self.log = state, h, code_bytes, hessians or {}, log
+        self.ranks, self.frames, self.notes = (rank, world_size), {}, []
         plans = {n: export_plan(n, t, h) for n, t in state.items()}
         self.quantized = [n for n, p in plans.items() if p]
         self.qstate = {n: {"raw": t.detach().to(torch.float16).cpu()} for n, t in state.items() if not plans[n]}
@@ -1389,41 +1369,41 @@ class Export:
         self.regrid(self.quantized)
 
     def regrid(self, names):
-        """GPTQ (or rounding) of `names` at their current rungs and their code frames, on the ranks in parallel;
-        then the artifact again."""
+        """GPTQ (or rounding) and compression of `names` at their current rungs, on the ranks in parallel; then the
+        artifact again, in the state's order (which the loader expects)."""
         def quantize(n):
             bits, clip_k, lqer_rank = self.ladders[n][self.rungs[n]]
-            return quantize_tensor(self.state[n], bits, clip_k, self.h, (self.hessians or {}).get(n), lqer_rank)
-        costs, label = {n: self.state[n].numel() for n in names}, "gptq" if self.hessians else "quantize"
-        for n, (entry, note) in on_ranks(quantize, costs, self.rank, self.world_size, self.log, label).items():
+            entry, note = quantize_tensor(self.state[n], bits, clip_k, self.h, self.hessians.get(n), lqer_rank)
+            return entry, note, code_frames(n, entry, self.h)
+        costs = {n: self.state[n].numel() for n in names}
+        for n, (entry, note, frames) in on_ranks(quantize, costs, *self.ranks, self.log, "gptq" if self.hessians else "quantize").items():
             self.qstate[n] = entry
+            self.frames.update(frames)
             self.notes += [f"{n}: {note}"] if note else []
-        self.frames.update(compress_code_frames(self.qstate, names, self.h, self.rank, self.world_size, self.log))
-        self.qstate = {n: self.qstate[n] for n in self.state}  # the state's order, which the loader expects
+        self.qstate = {n: self.qstate[n] for n in self.state}
         self.half_frame = sixteen_bit_frame(self.qstate, self.h)
         self.blob = serialize_quantized(self.qstate, self.frames, self.half_frame)
         self.total = self.code_bytes + len(self.blob)
 
     def rate_rungs(self, movable):
-        """{name: [(bytes, error)] per rung} of the movable tensors, the entropy estimates scaled to each tensor's
-        exact size on its default grid; the LQER_TOP_K tensors of largest error gain each grid again with LQER."""
-        h, state, weights = self.h, self.state, lambda n: error_weights(n, self.state, self.hessians)
-        trials = on_ranks(lambda n: rung_trials(state[n].cpu(), weights(n), self.ladders[n], h),
-                          {n: state[n].numel() for n in movable}, self.rank, self.world_size)
+        """{name: [(bytes, error)] per rung}, the entropy estimates scaled to each tensor's exact size on its default
+        grid; the LQER_TOP_K tensors of largest error gain each grid again with LQER."""
+        h, state, ladders = self.h, self.state, self.ladders
+        rate = lambda n, lqer=False: rung_trials(state[n].cpu(), error_weights(n, state, self.hessians), ladders[n], h, lqer)  # noqa: E731
+        trials = on_ranks(rate, {n: state[n].numel() for n in movable}, *self.ranks)
         for n in movable:
             ratio = len(self.frames[n][1]) / max(trials[n][DEFAULT_RUNG][0], 1.0)
             trials[n] = [(b * ratio, e) for b, e in trials[n]]
-        worst = sorted([n for n in movable if lqer_fits(state[n].shape, h)], key=lambda n: -trials[n][DEFAULT_RUNG][1])
-        twins = on_ranks(lambda n: rung_trials(state[n].cpu(), weights(n), self.ladders[n], h, lqer=True),
-                         {n: state[n].numel() for n in worst[:h.lqer_top_k]}, self.rank, self.world_size)
-        for n, lqer in twins.items():
-            trials[n] = trials[n] + [(b + x, e) for (b, _), (x, e) in zip(trials[n], lqer)]
-            self.ladders[n] = self.ladders[n] + [(bits, k, h.lqer_rank) for bits, k, _ in self.ladders[n]]
+        fits = [n for n in movable if h.lqer_rank * state[n].shape[1] % LQER_GROUP == 0 and min(state[n].shape) > h.lqer_rank]
+        worst = sorted(fits, key=lambda n: -trials[n][DEFAULT_RUNG][1])[:h.lqer_top_k]
+        for n, twins in on_ranks(lambda n: rate(n, True), {n: state[n].numel() for n in worst}, *self.ranks).items():
+            trials[n] += [(b + x, e) for (b, _), (x, e) in zip(trials[n], twins)]
+            ladders[n] = ladders[n] + [(bits, k, h.lqer_rank) for bits, k, _ in ladders[n]]
         return trials
 
     def fit(self, movable):
-        """Move the grids until the total lands just under the cap (with BUDGET_FILL, within 50 kB of it): pick
-        rungs for the budget, regrid what changed, measure, and steer the next attempt by this one's miss."""
+        """Move grids until the total lands just under the cap (with BUDGET_FILL, within 50 kB of it): pick rungs for
+        the budget, regrid what changed, measure, and steer the next attempt by this one's miss."""
         h, cap, trials = self.h, self.h.artifact_cap_bytes, self.rate_rungs(movable)
         aim = cap - TARGET_SLACK
         for attempt in range(6):
@@ -1451,8 +1431,8 @@ class Export:
 
 def export_artifact(state, h, code_bytes, hessians=None, log=print, rank=0, world_size=1):
     """Quantize (GPTQ on the ranks in parallel), choose each tensor's grid so that code + model land just under
-    ARTIFACT_CAP_BYTES (with BUDGET_FILL also spending what is left), compress, and measure exactly. Returns
-    (blob, qstate, report). Raises rather than return an over-cap artifact."""
+    ARTIFACT_CAP_BYTES (with BUDGET_FILL, spending what is left), compress, and measure exactly. Returns
+    (blob, qstate, report); raises rather than return an over-cap artifact."""
     t0, cap = time.perf_counter(), h.artifact_cap_bytes
     export = Export(state, h, code_bytes, hessians, log, rank, world_size)
     movable = [n for n in export.quantized if not (h.qat != "off" and n.startswith("blocks."))]  # QAT trained on its grid
@@ -1464,11 +1444,10 @@ def export_artifact(state, h, code_bytes, hessians=None, log=print, rank=0, worl
 
 @torch.no_grad()
 def collect_hessians(model, batches, h, autocast):
-    """H = X^T X / rows in fp32 outside autocast (bf16 sums are too coarse) for each exported linear's input, once per
-    distinct input (c_q, c_k and c_v share one), over every pass of a looped layer; the tied embedding's is the
-    final-norm output (its input as LM head). Averaged over batches and ranks."""
+    """H = X^T X / rows (fp32, outside autocast) of each exported linear's input over every pass of a looped layer
+    (c_k and c_v share c_q's), and of the final-norm output for the tied embedding (its LM-head input); the mean
+    over batches and ranks."""
     hessians, hooks, shared, n = {}, [], {}, 0
-
     def accumulate(key):
         def hook(module, inputs, output):
             x = (inputs[0] if isinstance(module, CastedLinear) else output).detach()
@@ -1477,7 +1456,6 @@ def collect_hessians(model, batches, h, autocast):
                 xtx = x.T @ x / x.size(0)
             hessians[key] = hessians[key].add_(xtx) if key in hessians else xtx
         return hook
-
     for name, module in model.named_modules():
         if isinstance(module, CastedLinear) and name.startswith("blocks.") and export_plan(name + ".weight", module.weight, h):
             if name.endswith((".attn.c_k", ".attn.c_v")):

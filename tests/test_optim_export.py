@@ -613,7 +613,7 @@ def _qstate(h=None, seed=0):
 
 
 def _serialize(q, h):
-    frames = train_gpt.compress_code_frames(q, [n for n, e in q.items() if "codes" in e], h)
+    frames = {k: f for n, e in q.items() if "codes" in e for k, f in train_gpt.code_frames(n, e, h).items()}
     return train_gpt.serialize_quantized(q, frames, train_gpt.sixteen_bit_frame(q, h)), frames
 
 
