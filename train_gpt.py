@@ -1041,9 +1041,9 @@ def muon_momentum(h, step):
     return (1 - f) * h.muon_momentum_warmup_start + f * h.muon_momentum
 
 class WeightAverager:
-    """The average that is exported. EMA: e <- d*e + (1-d)*w, d = min(EMA_DECAY, (1+s)/(10+s)) s steps after
-    t0 = 2/(1-EMA_DECAY), the live weights before t0 (an average over 1/(1-d) steps cannot help before the weights
-    settle that long). SWA: the mean of snapshots every SWA_EVERY steps once the LR multiplier < SWA_START_LR_SCALE."""
+    """The exported average. EMA: e <- d*e + (1-d)*w, d = min(EMA_DECAY, (1+s)/(10+s)) s steps after t0 = 2/(1-EMA_DECAY),
+    before t0 the live weights (a 1/(1-d)-step average cannot help sooner). SWA: the mean of snapshots every SWA_EVERY
+    steps once the LR multiplier < SWA_START_LR_SCALE."""
 
     def __init__(self, model, h):
         self.mode, self.h, self.count, self.params = h.averaging, h, 0, list(model.parameters())
@@ -1098,9 +1098,8 @@ def row_scales(w, bits, clip_k, h):
     return sdclip_scales(w, bits, clip_k) if h.export_clip == "sdclip" else search_clip_scales(w, bits)
 
 def gptq_quantize(w, hessian, scale, bits, damp=0.01, block=128):
-    """Full-Hessian GPTQ: quantize columns in order of decreasing H_ii, pushing each rounding error onto the later
-    columns through the Cholesky factor of H^-1. Returns integer codes (as float); raises LinAlgError if H + damping
-    is not positive definite."""
+    """Full-Hessian GPTQ: columns in order of decreasing H_ii, each rounding error pushed onto the later columns through
+    the Cholesky factor of H^-1. Integer codes (as float); LinAlgError when H + damping is not positive definite."""
     qmax = 2 ** (bits - 1) - 1
     w, H = w.float().clone(), hessian.float().clone()
     dead = torch.diag(H) == 0
@@ -1272,8 +1271,8 @@ def deserialize_quantized(blob):
     return out
 
 def estimate_model_bytes(state, h):
-    """Compressed-size estimate: b - log2(k) + 0.5*log2(pi*e/2) bits per quantized weight (Gaussian SDClip),
-    plus 2 bytes per row scale and per passthrough value."""
+    """Compressed size at b - log2(k) + 0.5*log2(pi*e/2) bits per quantized weight (Gaussian SDClip), 2 bytes per
+    row scale and per passthrough value."""
     bits = 0.0
     for name, t in state.items():
         plan = export_plan(name, t, h)
@@ -1319,9 +1318,8 @@ def rung_trials(w, hdiag, rungs, h, lqer=False):
     return out
 
 def error_weights(name, state, hessians):
-    """Per-column weights of a tensor's squared rounding error, in squared output error per token for all tensors:
-    a linear layer's input Hessian diagonal (ones without one); a lookup table's, 1/rows (the share of tokens that
-    read a row) times the mean squared gain of the scaled projection after it."""
+    """Per-column weights of a squared rounding error in one unit (squared output error per token): a linear's input
+    Hessian diagonal (or ones); a table's, 1/rows (tokens per row) x the mean squared gain of its scaled projection."""
     if hessians and name in hessians:
         return torch.diagonal(hessians[name]).float().cpu().clamp_min(0)
     rows, cols = state[name].shape
@@ -1430,9 +1428,8 @@ class Export:
                 "lqer": sorted(n for n in self.quantized if "lqer_a" in self.qstate[n])}
 
 def export_artifact(state, h, code_bytes, hessians=None, log=print, rank=0, world_size=1):
-    """Quantize (GPTQ on the ranks in parallel), choose each tensor's grid so that code + model land just under
-    ARTIFACT_CAP_BYTES (with BUDGET_FILL, spending what is left), compress, and measure exactly. Returns
-    (blob, qstate, report); raises rather than return an over-cap artifact."""
+    """(blob, qstate, report): each tensor quantized on the grid that lands code + model just under ARTIFACT_CAP_BYTES
+    (BUDGET_FILL: also spending what is left), compressed and measured exactly. Raises rather than exceed the cap."""
     t0, cap = time.perf_counter(), h.artifact_cap_bytes
     export = Export(state, h, code_bytes, hessians, log, rank, world_size)
     movable = [n for n in export.quantized if not (h.qat != "off" and n.startswith("blocks."))]  # QAT trained on its grid
@@ -1444,9 +1441,8 @@ def export_artifact(state, h, code_bytes, hessians=None, log=print, rank=0, worl
 
 @torch.no_grad()
 def collect_hessians(model, batches, h, autocast):
-    """H = X^T X / rows (fp32, outside autocast) of each exported linear's input over every pass of a looped layer
-    (c_k and c_v share c_q's), and of the final-norm output for the tied embedding (its LM-head input); the mean
-    over batches and ranks."""
+    """H = X^T X / rows (fp32, outside autocast) of each exported linear's input, every pass of a looped layer adding
+    (c_k, c_v share c_q's), and of the final-norm output for the tied embedding; the mean over batches and ranks."""
     hessians, hooks, shared, n = {}, [], {}, 0
     def accumulate(key):
         def hook(module, inputs, output):

@@ -116,6 +116,29 @@ def test_decoupled_weight_decay_with_zero_gradient_every_group():
     assert checked == len(before)
 
 
+def test_optimizers_state_dict_rolls_back_a_step():
+    """The warm-up restores both optimizers' states: after load_state_dict the same step gives the same weights."""
+    h = make_h(**FULL)
+    model = _randomize(train_gpt.build_model(h))
+    optimizers = train_gpt.Optimizers(model, h)
+    grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+
+    def step():
+        for n, p in model.named_parameters():
+            p.grad = grads[n].clone()
+        optimizers.step(0.5, 0.9, 0.1)
+
+    step()
+    weights, states = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizers.state_dict())
+    step()
+    after = copy.deepcopy(model.state_dict())
+    model.load_state_dict(weights)
+    optimizers.load_state_dict(states)
+    step()
+    assert all(torch.equal(after[n], t) for n, t in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_muon_zero_gradient_step_only_decays():
     p = nn.Parameter(torch.randn(48, 32))
     w0 = p.detach().clone()
