@@ -869,10 +869,11 @@ def build_model(h, use_fa3=None):
     return model
 
 # ----------------------------------------------------------------------------------------------------
-# Optimizer: Muon for block matrices, AdamW for embeddings, tables and control tensors.
+# Optimizer: Muon for block matrices, AdamW for embeddings, tables and control tensors; the LR, momentum and
+# weight-decay schedules; the weight average (EMA or SWA) that is exported.
 
-QUINTIC = (3.4445, -4.7750, 2.0315)
-POLAR_EXPRESS = [
+QUINTIC = (3.4445, -4.7750, 2.0315)  # the classic Newton-Schulz step, run 5 times
+POLAR_EXPRESS = [  # Polar Express: one quintic per step, tuned so that 5 steps land closer to U V^T
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
     (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
@@ -880,121 +881,116 @@ POLAR_EXPRESS = [
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 ]
 
-
-def orthogonalize(g, steps=5, polar=True):
+def orthogonalize(g, polar=True):
     """Newton-Schulz iteration towards the nearest semi-orthogonal matrix U V^T (bf16 on GPU; fp32 on CPU,
     where bf16 matmuls are slow)."""
     x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
     x = x / (x.norm() + 1e-7)
     tall = x.size(0) > x.size(1)
-    if tall:
-        x = x.T
-    for a, b, c in POLAR_EXPRESS if polar else [QUINTIC] * steps:
+    x = x.T if tall else x
+    for a, b, c in POLAR_EXPRESS if polar else [QUINTIC] * 5:
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.T if tall else x
-
 
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalised update, decoupled decay W <- W(1 - lr*wd) - lr*sqrt(max(1,out/in))*O.
     Rank r orthogonalises matrices i = r (mod world_size); one all-reduce shares the results."""
 
-    def __init__(self, params, lr, momentum, weight_decay, ns_steps=5, polar=True, row_norm=True, rank=0, world_size=1):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps,
-                                      polar=polar, row_norm=row_norm))
+    def __init__(self, params, lr, momentum, weight_decay, polar=True, row_norm=True, rank=0, world_size=1):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, polar=polar, row_norm=row_norm))
         self.rank, self.world_size, self.orthogonalize = rank, world_size, orthogonalize
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
             params, momentum, lr = group["params"], group["momentum"], group["lr"]
-            device = params[0].device
-            updates = torch.zeros(sum(p.numel() for p in params), device=device,
-                                  dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-            slices = updates.split([p.numel() for p in params])
+            sizes = [p.numel() for p in params]
+            updates = torch.zeros(sum(sizes), device=params[0].device, dtype=torch.bfloat16 if params[0].is_cuda else torch.float32)
+            slices = updates.split(sizes)
             mine = [i for i, p in enumerate(params) if i % self.world_size == self.rank and p.grad is not None]
-            grads = [params[i].grad for i in mine]
-            bufs = [self.state[params[i]].setdefault("momentum_buffer", torch.zeros_like(params[i])) for i in mine]
             if mine:
+                grads = [params[i].grad for i in mine]
+                bufs = [self.state[params[i]].setdefault("momentum_buffer", torch.zeros_like(params[i])) for i in mine]
                 torch._foreach_mul_(bufs, momentum)
                 torch._foreach_add_(bufs, grads)
-            for i, u in zip(mine, torch._foreach_add(grads, bufs, alpha=momentum) if mine else []):  # Nesterov
-                p = params[i]
-                if group["row_norm"]:  # MuonEq-R
-                    u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-7)
-                o = self.orthogonalize(u, group["ns_steps"], group["polar"])
-                slices[i].copy_(o.flatten().mul_(max(1.0, p.size(0) / p.size(1)) ** 0.5))
+                for i, u in zip(mine, torch._foreach_add(grads, bufs, alpha=momentum)):  # Nesterov
+                    if group["row_norm"]:  # MuonEq-R: unit rows before orthogonalising
+                        u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-7)
+                    aspect = max(1.0, params[i].size(0) / params[i].size(1)) ** 0.5
+                    slices[i].copy_(self.orthogonalize(u, group["polar"]).flatten().mul_(aspect))
             if self.world_size > 1:
                 dist.all_reduce(updates)
             torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-            torch._foreach_add_(params, [u.view_as(p) for u, p in zip(updates.float().split([p.numel() for p in params]), params)],
-                                alpha=-lr)
+            torch._foreach_add_(params, [u.view_as(p) for u, p in zip(updates.float().split(sizes), params)], alpha=-lr)
 
+class Optimizers:
+    """AdamW for the tied embedding, lookup tables and control tensors (a group each); Muon for the 2-D block
+    matrices. step() runs both at the schedule's share of each group's base LR."""
 
-def build_optimizers(model, h, rank=0, world_size=1):
-    """Muon for 2-D block matrices; AdamW groups for the tied embedding, lookup tables and control tensors."""
-    groups = {"embed": [], "table": [], "scalar": [], "matrix": []}
-    for name, p in model.named_parameters():
-        if name == "tok_emb.weight":
-            groups["embed"].append(p)
-        elif name.endswith("table.weight"):
-            groups["table"].append(p)
-        elif p.ndim == 2 and not is_control(name):
-            groups["matrix"].append(p)
-        else:
-            groups["scalar"].append(p)
-    adam_groups = [dict(params=groups[k], lr=lr, base_lr=lr, weight_decay=wd) for k, lr, wd in
-                   (("embed", h.embed_lr, h.embed_wd), ("table", h.table_lr, h.table_wd), ("scalar", h.scalar_lr, h.scalar_wd))
-                   if groups[k]]
-    fused = next(model.parameters()).is_cuda
-    adam = torch.optim.AdamW(adam_groups, betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=fused)
-    muon = Muon(groups["matrix"], lr=h.matrix_lr, momentum=h.muon_momentum, weight_decay=h.muon_wd, ns_steps=h.muon_ns_steps,
-                polar=h.muon_ns == "polar", row_norm=h.muon_row_norm, rank=rank, world_size=world_size)
-    for group in muon.param_groups:
-        group["base_lr"] = h.matrix_lr
-    return [adam, muon]
+    def __init__(self, model, h, rank=0, world_size=1):
+        groups = {"embed": [], "table": [], "scalar": [], "matrix": []}
+        for name, p in model.named_parameters():
+            matrix = p.ndim == 2 and not is_control(name)
+            kind = "embed" if name == "tok_emb.weight" else "table" if name.endswith("table.weight") else "matrix" if matrix else "scalar"
+            groups[kind].append(p)
+        adam_groups = [dict(params=groups[k], lr=lr, base_lr=lr, weight_decay=wd) for k, lr, wd in
+                       (("embed", h.embed_lr, h.embed_wd), ("table", h.table_lr, h.table_wd), ("scalar", h.scalar_lr, h.scalar_wd))
+                       if groups[k]]
+        self.adam = torch.optim.AdamW(adam_groups, betas=(h.beta1, h.beta2), fused=next(model.parameters()).is_cuda)
+        self.muon = Muon(groups["matrix"], h.matrix_lr, h.muon_momentum, h.muon_wd, h.muon_ns == "polar", h.muon_row_norm,
+                         rank, world_size)
+        self.muon.param_groups[0]["base_lr"] = h.matrix_lr
 
+    def compile(self):
+        self.muon.orthogonalize = torch.compile(orthogonalize, dynamic=False)  # one static graph per matrix shape
+
+    def step(self, lr_scale, momentum, weight_decay):
+        """One update: every group at base LR x lr_scale, Muon at this momentum and weight decay; then zero the grads."""
+        self.muon.param_groups[0].update(momentum=momentum, weight_decay=weight_decay)
+        for opt in (self.adam, self.muon):
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_scale
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    def state_dict(self):
+        return {"adam": self.adam.state_dict(), "muon": self.muon.state_dict()}
+
+    def load_state_dict(self, state):
+        self.adam.load_state_dict(state["adam"])
+        self.muon.load_state_dict(state["muon"])
 
 def training_fraction(h, step, elapsed_ms, cap_ms):
     """How far the run is: by steps or by wall clock, whichever is further along."""
     return max(step / h.iterations, elapsed_ms / cap_ms if cap_ms > 0 else 0.0)
 
-
 def lr_multiplier(h, step, elapsed_ms, cap_ms):
-    """1 until the last WARMDOWN_FRAC of the run (by wall clock or steps, whichever ends first), then linear to MIN_LR."""
+    """1 until the last WARMDOWN_FRAC of the run, then linear down to MIN_LR."""
     frac = training_fraction(h, step, elapsed_ms, cap_ms)
-    if h.warmdown_frac <= 0 or frac < 1 - h.warmdown_frac:
-        return 1.0
-    return max((1 - frac) / h.warmdown_frac, h.min_lr)
-
+    return 1.0 if h.warmdown_frac <= 0 or frac < 1 - h.warmdown_frac else max((1 - frac) / h.warmdown_frac, h.min_lr)
 
 def wd_multiplier(h, frac):
-    """Muon WD x 1 until WD_TAPER_START_FRAC of the run, then linear to WD_TAPER_FINAL_MULT: WD keeps weights
-    compressible early; late, settled weights gain more from less decay (04-18 record)."""
-    if frac <= h.wd_taper_start_frac or h.wd_taper_start_frac >= 1:
-        return 1.0
-    return 1 + (h.wd_taper_final_mult - 1) * min((frac - h.wd_taper_start_frac) / (1 - h.wd_taper_start_frac), 1.0)
-
+    """Muon WD x 1 until WD_TAPER_START_FRAC of the run, then linear to WD_TAPER_FINAL_MULT: decay keeps the early
+    weights compressible; the settled late weights gain more from less of it."""
+    start = h.wd_taper_start_frac
+    return 1.0 if frac <= start or start >= 1 else 1 + (h.wd_taper_final_mult - 1) * min((frac - start) / (1 - start), 1.0)
 
 def muon_momentum(h, step):
+    """Linear from MUON_MOMENTUM_WARMUP_START to MUON_MOMENTUM over MUON_MOMENTUM_WARMUP_STEPS."""
     f = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps else 1.0
     return (1 - f) * h.muon_momentum_warmup_start + f * h.muon_momentum
 
-
 class WeightAverager:
-    """EMA or SWA; `apply_to` loads the average, which is what is exported. EMA: e <- d*e + (1-d)*w every step from
-    step t0 = 2/(1-EMA_DECAY) (571 at 0.9965), d = min(EMA_DECAY, (1+s)/(10+s)) at s = t-t0 (before t0 it follows
-    the live weights): an average with a horizon of 1/(1-d) steps cannot help before the weights settle for that
-    long; a 200-step run is still gaining 0.0016 bpb a step at its last, where every average trails the live
-    weights. SWA: uniform mean of snapshots every SWA_EVERY steps once the LR multiplier < SWA_START_LR_SCALE."""
+    """The exported average. EMA: e <- d*e + (1-d)*w, d = min(EMA_DECAY, (1+s)/(10+s)) s steps after t0 = 2/(1-EMA_DECAY),
+    before t0 the live weights (a 1/(1-d)-step average cannot help sooner). SWA: the mean of snapshots every SWA_EVERY
+    steps once the LR multiplier < SWA_START_LR_SCALE."""
 
     def __init__(self, model, h):
-        self.mode, self.h = h.averaging, h
+        self.mode, self.h, self.count, self.params = h.averaging, h, 0, list(model.parameters())
         self.ema_start = round(2 / (1 - h.ema_decay))
-        self.params = [p for p in model.parameters()]
-        self.avg = [p.detach().float().clone() for p in self.params] if self.mode == "ema" else \
-            [torch.zeros_like(p, dtype=torch.float32) for p in self.params] if self.mode == "swa" else []
-        self.count = 0
+        self.avg = [] if self.mode == "none" else [p.detach().float().clone() if self.mode == "ema" else
+                                                   torch.zeros_like(p, dtype=torch.float32) for p in self.params]
 
     @torch.no_grad()
     def update(self, step, lr_scale):
@@ -1008,7 +1004,7 @@ class WeightAverager:
 
     @torch.no_grad()
     def apply_to(self, model):
-        """Returns a short description of what was loaded."""
+        """Loads the average into `model`; returns what was loaded, in words."""
         if self.mode == "none" or (self.mode == "swa" and self.count == 0):
             return "live weights" + (" (SWA collected no snapshot)" if self.mode == "swa" else "")
         scale = 1.0 / self.count if self.mode == "swa" else 1.0
@@ -1016,9 +1012,9 @@ class WeightAverager:
             p.copy_(a * scale)
         return f"EMA decay {self.h.ema_decay}" if self.mode == "ema" else f"SWA of {self.count} snapshots"
 
-
 # ----------------------------------------------------------------------------------------------------
-# Quantization and export: per-row int-k codes (GPTQ or rounding), fp16 passthrough, zstd-22.
+# Quantization and export: per-row int-k codes (GPTQ or rounding) with optional LQER corrections and fp16
+# passthrough, in frames of zstd or lzma; each tensor's grid chosen so that the artifact fills the cap.
 
 def export_plan(name, tensor, h):
     """(bits, clip_k) for a tensor that is quantized, None for fp16 passthrough. QAT uses the same plan."""
@@ -1028,100 +1024,79 @@ def export_plan(name, tensor, h):
         return (h.mlp_bits, h.mlp_clip_k) if ".mlp." in name else (h.attn_bits, h.attn_clip_k)
     return None
 
-
 def search_clip_scales(w, bits, quantiles=(0.999, 0.9995, 0.9999, 0.99999, 1.0)):
     """GPTQ-lite: per row, the clip quantile of |w| whose rounding has the lowest squared error."""
     w = w.float()
-    best_scale, best_err = None, None
+    best_scale, best_err = torch.zeros_like(w[:, 0]), torch.full_like(w[:, 0], math.inf)
     for qt in quantiles:
         clip = torch.quantile(w.abs(), qt, dim=1) if qt < 1 else w.abs().amax(dim=1)
         scale = (clip / (2 ** (bits - 1) - 1)).half().float().clamp_min(2 ** -24)
         err = (quantize_rows(w, scale, bits) * scale[:, None] - w).square().sum(1)
-        if best_scale is None:
-            best_scale, best_err = scale, err
-        else:
-            better = err < best_err
-            best_scale, best_err = torch.where(better, scale, best_scale), torch.minimum(err, best_err)
+        best_scale, best_err = torch.where(err < best_err, scale, best_scale), torch.minimum(err, best_err)
     return best_scale
-
 
 def row_scales(w, bits, clip_k, h):
     return sdclip_scales(w, bits, clip_k) if h.export_clip == "sdclip" else search_clip_scales(w, bits)
 
-
-def gptq_quantize(w, hessian, scale, bits, block=128, damp=0.01):
-    """Full-Hessian GPTQ: quantize columns in order of decreasing H_ii, pushing each rounding error onto the
-    not-yet-quantized columns through the Cholesky factor of H^-1. Returns integer codes (as float); raises
-    torch.linalg.LinAlgError when H + damping is not positive definite."""
+def gptq_quantize(w, hessian, scale, bits, damp=0.01, block=128):
+    """Full-Hessian GPTQ: columns in order of decreasing H_ii, each rounding error pushed onto the later columns through
+    the Cholesky factor of H^-1. Integer codes (as float); LinAlgError when H + damping is not positive definite."""
     qmax = 2 ** (bits - 1) - 1
     w, H = w.float().clone(), hessian.float().clone()
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    H[dead, dead], w[:, dead] = 1.0, 0.0
     H += damp * torch.diag(H).mean() * torch.eye(H.size(0), device=H.device)
     order = torch.argsort(torch.diag(H), descending=True)
     w, H = w[:, order], H[order][:, order]
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    codes = torch.zeros_like(w)
-    s = scale.float()
+    codes, s = torch.zeros_like(w), scale.float()
     for i1 in range(0, w.size(1), block):
         i2 = min(i1 + block, w.size(1))
         wb, errs = w[:, i1:i2].clone(), torch.zeros(w.size(0), i2 - i1, device=w.device)
         for j in range(i2 - i1):
-            q = torch.clamp(torch.round(wb[:, j] / s), -qmax, qmax)
-            codes[:, i1 + j] = q
-            err = (wb[:, j] - q * s) / U[i1 + j, i1 + j]
+            codes[:, i1 + j] = q = torch.clamp(torch.round(wb[:, j] / s), -qmax, qmax)
+            errs[:, j] = err = (wb[:, j] - q * s) / U[i1 + j, i1 + j]
             wb[:, j:] -= err[:, None] * U[i1 + j, i1 + j:i2][None, :]
-            errs[:, j] = err
         w[:, i2:] -= errs @ U[i1:i2, i2:]
     return codes[:, torch.argsort(order)]
 
+GPTQ_DAMPING = (0.01, 0.1, 1.0)  # x mean(diag H): GPTQ's usual, then x10 and x100 while the Cholesky fails
 
 def quantize_tensor(w, bits, clip_k, h, hessian=None, lqer_rank=0):
-    """{"codes", "scale", "bits"} of one matrix: GPTQ when a Hessian is given (damping x10, x100 if its Cholesky
-    fails, then rounding), else rounding; with lqer_rank, plus the LQER factors of what is left, where they cut it.
-    Also returns a note when it had to fall back."""
+    """(entry, note): {"codes", "scale", "bits"} of a matrix, by GPTQ given a Hessian (else, or if every damping
+    fails, by rounding; the note says what gave way); with lqer_rank, plus LQER factors where they cut the error."""
     w = w.detach().float()
-    scale, note = row_scales(w, bits, clip_k, h), None
-    codes = None
-    if hessian is not None:
-        for damp in (h.gptq_damp, 10 * h.gptq_damp, 100 * h.gptq_damp):
-            try:
-                codes = gptq_quantize(w, hessian.to(w.device), scale, bits, h.gptq_block, damp)
-                note = None if damp == h.gptq_damp else f"Cholesky failed; GPTQ with damping {damp:g}"
-                break
-            except torch.linalg.LinAlgError:
-                continue
-        else:
+    scale, codes, note = row_scales(w, bits, clip_k, h), None, None
+    for damp in GPTQ_DAMPING if hessian is not None else ():
+        try:
+            codes = gptq_quantize(w, hessian.to(w.device), scale, bits, damp)
+            note = None if damp == GPTQ_DAMPING[0] else f"Cholesky failed; GPTQ with damping {damp:g}"
+            break
+        except torch.linalg.LinAlgError:
             note = "Cholesky failed at every damping; rounded instead of GPTQ"
-    if codes is None:
-        codes = quantize_rows(w, scale, bits)
+    codes = quantize_rows(w, scale, bits) if codes is None else codes
     entry = {"codes": codes.to(torch.int8).cpu(), "scale": scale.half().cpu(), "bits": bits}
-    if lqer_rank:  # int2 x int4 factors can add more error than they remove (an int8 grid's, on the docs proxy)
+    if lqer_rank:  # int2 x int4 factors can add more error than they remove
         error = w.cpu() - dequantize_entry(entry)
         factors = lqer_factors(error, lqer_rank)
         entry.update(factors if (error - lqer_product(factors)).norm() < error.norm() else {})
     return entry, note
 
-
-LQER_GROUP = 64
-
+LQER_GROUP = 64  # LQER's B has one scale per this many values
 
 def lqer_factors(error, rank):
-    """LQER (the top record's asymmetric form): the rank-`rank` SVD of a quantization error E ~ A B, A rounded to
-    int2 {-2..1} on one scale, B to int4 {-8..7} with a scale per LQER_GROUP values: a few kB buy back the largest
-    errors."""
+    """LQER: the rank-`rank` SVD of a quantization error E ~ A B, A rounded to int2 {-2..1} on one scale, B to int4
+    {-8..7} with a scale per LQER_GROUP values: a few kB buy back the largest errors."""
     U, S, Vh = torch.linalg.svd(error.float(), full_matrices=False)
     A, B = U[:, :rank] * S[:rank], Vh[:rank].reshape(-1, LQER_GROUP)
     a_scale, b_scale = (A.abs().amax() / 1.5).clamp_min(1e-8).half().view(1), (B.abs().amax(1) / 7.5).clamp_min(1e-8).half()
     return {"lqer_a": torch.clamp(torch.round(A / a_scale.float()), -2, 1).to(torch.int8), "lqer_a_scale": a_scale,
-            "lqer_b": torch.clamp(torch.round(B / b_scale.float()[:, None]), -8, 7).to(torch.int8).view(rank, -1), "lqer_b_scale": b_scale}
-
+            "lqer_b": torch.clamp(torch.round(B / b_scale.float()[:, None]), -8, 7).to(torch.int8).view(rank, -1),
+            "lqer_b_scale": b_scale}
 
 def lqer_product(e):
     b = (e["lqer_b"].float().view(-1, LQER_GROUP) * e["lqer_b_scale"].float()[:, None]).view(e["lqer_b"].shape)
     return (e["lqer_a"].float() * e["lqer_a_scale"].float()) @ b
-
 
 def dequantize_entry(e):
     if "codes" not in e:
@@ -1129,119 +1104,87 @@ def dequantize_entry(e):
     w = e["codes"].float() * e["scale"].float()[:, None]
     return w + lqer_product(e) if "lqer_a" in e else w
 
-
 def dequantize_state(qstate):
     return {name: dequantize_entry(e) for name, e in qstate.items()}
 
-
-def lqer_fits(shape, h):
-    return h.lqer_rank * shape[1] % LQER_GROUP == 0 and min(shape) > h.lqer_rank
-
-
-# Distributed export: rank r handles its share of the tensors (largest first, to the least-loaded rank); every
-# rank then receives everything, so all ranks take the same branches afterwards.
-
-def my_share(costs, rank, world_size):
+def on_ranks(fn, costs, rank=0, world_size=1, log=None, label=None):
+    """{name: fn(name)} for each name of `costs`, computed on one rank (largest cost first, to the least-loaded rank)
+    and sent to all, so that every rank takes the same branches afterwards. With a label, logs progress."""
     load, owner = [0] * world_size, {}
     for name in sorted(costs, key=lambda n: -costs[n]):
-        r = load.index(min(load))
-        owner[name], load[r] = r, load[r] + costs[name]
-    return [n for n in costs if owner[n] == rank]
-
-
-def gather_dicts(mine, world_size):
-    if world_size == 1:
-        return dict(mine)
-    parts = [None] * world_size
-    dist.all_gather_object(parts, mine)
-    return {k: v for part in parts for k, v in part.items()}
-
+        owner[name] = load.index(min(load))
+        load[owner[name]] += costs[name]
+    mine = [n for n in costs if owner[n] == rank]
+    progress, done = Progress(log, label, len(mine), "tensors") if log and label else None, {}
+    for n in mine:
+        done[n] = fn(n)
+        if progress:
+            progress.step()
+    parts = [done] * world_size
+    if world_size > 1:
+        dist.all_gather_object(parts, done)
+    merged = {n: v for part in parts for n, v in part.items()}
+    return {n: merged[n] for n in costs}
 
 # The artifact: MAGIC | u32 header length | JSON header | frames. Frame 0 holds every 16-bit value (row scales,
-# passthrough tensors); then one frame of int8 codes per quantized tensor, so the file size is a sum of
-# independent frame sizes (exact size trials) and frames compress in parallel. Each frame is whichever of zstd
-# and lzma is smaller, recorded in the header.
+# LQER scales, passthrough tensors), then each quantized tensor has a frame of int8 codes (and one of LQER codes):
+# the file size is a sum of independent frame sizes, and frames compress in parallel. The header names each
+# frame's method: zstd or lzma, whichever is smaller, on the bytes as they are or byte-shuffled.
 
 ARTIFACT_MAGIC = b"PGQ3"
 LZMA_PRESET = 9 | lzma.PRESET_EXTREME
-
 
 def byte_shuffle(data):
     """Put the low bytes of all 16-bit values first, then the high bytes (the compressor finds more repeats)."""
     return data[0::2] + data[1::2]
 
-
 def byte_unshuffle(data):
-    half = len(data) // 2
-    out = bytearray(len(data))
+    half, out = len(data) // 2, bytearray(len(data))
     out[0::2], out[1::2] = data[:half], data[half:]
     return bytes(out)
 
-
 def zstd_compress(data, level, min_match=None):
-    """zstd at `level`; min_match=6 for code frames, where on noise-like int codes zstd-22's 3-byte matches cost
-    more than they save (3.85 vs 3.47 bits per int6 code on the full model, measured)."""
+    """min_match=6 for code frames: on noise-like int codes zstd-22's 3-byte matches cost more than they save."""
     params = zstandard.ZstdCompressionParameters.from_level(level, **({"min_match": min_match} if min_match else {}))
     return zstandard.ZstdCompressor(compression_params=params).compress(data)
 
-
 def compress_frame(data, level, codes, shuffle=False):
-    """(method, frame): the smallest of zstd and lzma, on the data as is or (16-bit frame, shuffle None/True)
-    byte-shuffled."""
-    variants = [("", data)] if not shuffle else [("+shuffle", byte_shuffle(data))]
-    if shuffle is None:
-        variants.append(("+shuffle", byte_shuffle(data)))
-    candidates = [(name + suffix, fn(raw)) for suffix, raw in variants
-                  for name, fn in (("zstd", lambda b: zstd_compress(b, level, 6 if codes else None)),
-                                   ("lzma", lambda b: lzma.compress(b, preset=LZMA_PRESET)))]
-    return min(candidates, key=lambda c: len(c[1]))
-
+    """(method, frame): the smallest of zstd and lzma on the data as is (shuffle False), byte-shuffled (True) or both."""
+    variants = ([("", data)] if shuffle is not True else []) + ([("+shuffle", byte_shuffle(data))] if shuffle is not False else [])
+    return min([(f"zstd{suffix}", zstd_compress(raw, level, 6 if codes else None)) for suffix, raw in variants]
+               + [(f"lzma{suffix}", lzma.compress(raw, preset=LZMA_PRESET)) for suffix, raw in variants], key=lambda c: len(c[1]))
 
 def decompress_frame(method, frame):
     data = zstandard.ZstdDecompressor().decompress(frame) if method.startswith("zstd") else lzma.decompress(frame)
     return byte_unshuffle(data) if method.endswith("+shuffle") else data
 
+def lqer_frame(e, h):
+    return compress_frame(e["lqer_a"].numpy().tobytes() + e["lqer_b"].numpy().tobytes(), h.zstd_level, True)
 
-def compress_code_frames(qstate, names, h, rank=0, world_size=1, log=None):
-    """{name: (method, frame)} for the codes of `names`, compressed by the ranks in parallel."""
-    share = my_share({n: qstate[n]["codes"].numel() for n in names}, rank, world_size)
-    progress, mine = Progress(log, "compression", len(share), "tensors") if log else None, {}
-    for n in share:
-        mine[n] = compress_frame(qstate[n]["codes"].numpy().tobytes(), h.zstd_level, True)
-        if "lqer_a" in qstate[n]:
-            mine[n + "/lqer"] = lqer_frame(qstate[n], h)
-        if progress:
-            progress.step()
-    return gather_dicts(mine, world_size)
-
+def code_frames(name, e, h):
+    """{name: (method, frame)} of a quantized tensor's codes, and {name + "/lqer": ...} of its LQER codes (A then B)."""
+    frames = {name: compress_frame(e["codes"].numpy().tobytes(), h.zstd_level, True)}
+    return frames | ({name + "/lqer": lqer_frame(e, h)} if "lqer_a" in e else {})
 
 def sixteen_bit_frame(qstate, h):
     halves = [t.numpy().tobytes() for e in qstate.values() for t in
               ([e["scale"]] + ([e["lqer_a_scale"], e["lqer_b_scale"]] if "lqer_a" in e else []) if "codes" in e else [e["raw"]])]
     return compress_frame(b"".join(halves), h.zstd_level, False, h.byte_shuffle)
 
-
-def lqer_frame(e, h):
-    """(method, frame) of a tensor's LQER codes (A then B), one frame after its code frame."""
-    return compress_frame(e["lqer_a"].numpy().tobytes() + e["lqer_b"].numpy().tobytes(), h.zstd_level, True)
-
-
 def tensor_bytes(name, qstate, frames):
-    """A quantized tensor's bytes beyond its row scales: its code frame, and its LQER frame and scales."""
+    """A quantized tensor's bytes beyond its row scales: its code frame, and its LQER frame and 16-bit scales."""
     e = qstate[name]
     return len(frames[name][1]) + (len(frames[name + "/lqer"][1]) + 2 * (1 + e["lqer_b_scale"].numel()) if "lqer_a" in e else 0)
 
-
 def serialize_quantized(qstate, frames, half_frame):
-    """The artifact from the quantized state, its code frames ({name: (method, frame)}, and {name + "/lqer": ...}
-    for the LQER codes) and the 16-bit frame. A tensor's header entry gains its LQER rank when it has one."""
+    """The artifact of a quantized state, its code frames and 16-bit frame; a header entry [name, shape, bits] gains
+    the tensor's LQER rank when it has one."""
     tensors = [[name, list((e["codes"] if "codes" in e else e["raw"]).shape), e.get("bits", 16)]
                + ([e["lqer_a"].size(1)] if "lqer_a" in e else []) for name, e in qstate.items()]
     order = [half_frame] + [frames[key] for name, e in qstate.items() if "codes" in e
                             for key in [name] + ([name + "/lqer"] if "lqer_a" in e else [])]
     head = json.dumps({"tensors": tensors, "frames": [[m, len(f)] for m, f in order]}).encode()
     return ARTIFACT_MAGIC + len(head).to_bytes(4, "little") + head + b"".join(f for _, f in order)
-
 
 def deserialize_quantized(blob):
     if blob[:4] != ARTIFACT_MAGIC:
@@ -1251,54 +1194,45 @@ def deserialize_quantized(blob):
     for method, size in meta["frames"]:
         frames.append(decompress_frame(method, blob[offset:offset + size]))
         offset += size
-    halves, code_frames, f, out = frames[0], iter(frames[1:]), 0, {}
-
-    def take_halves(k):
-        nonlocal f
-        f += 2 * k
-        return torch.frombuffer(bytearray(halves[f - 2 * k:f]), dtype=torch.float16).clone()
-
+    halves, used, out = torch.frombuffer(bytearray(frames[0]), dtype=torch.float16), 0, {}
+    codes = (torch.frombuffer(bytearray(f), dtype=torch.int8) for f in frames[1:])
+    def take(k):  # the next k 16-bit values
+        nonlocal used
+        used += k
+        return halves[used - k:used].clone()
     for name, shape, bits, *lqer in meta["tensors"]:
-        if bits <= 8:
-            out[name] = {"codes": torch.frombuffer(bytearray(next(code_frames)), dtype=torch.int8).view(shape),
-                         "scale": take_halves(shape[0]), "bits": bits}
-            if lqer:
-                r, codes = lqer[0], torch.frombuffer(bytearray(next(code_frames)), dtype=torch.int8)
-                out[name].update(lqer_a=codes[:shape[0] * r].view(shape[0], r), lqer_b=codes[shape[0] * r:].view(r, shape[1]),
-                                 lqer_a_scale=take_halves(1), lqer_b_scale=take_halves(r * shape[1] // LQER_GROUP))
-        else:
-            out[name] = {"raw": take_halves(math.prod(shape)).view(shape)}
+        if bits > 8:
+            out[name] = {"raw": take(math.prod(shape)).view(shape)}
+            continue
+        out[name] = {"codes": next(codes).view(shape), "scale": take(shape[0]), "bits": bits}
+        if lqer:
+            r, ab = lqer[0], next(codes)
+            out[name].update(lqer_a=ab[:shape[0] * r].view(shape[0], r), lqer_b=ab[shape[0] * r:].view(r, shape[1]),
+                             lqer_a_scale=take(1), lqer_b_scale=take(r * shape[1] // LQER_GROUP))
     return out
 
-
 def estimate_model_bytes(state, h):
-    """Compressed-size estimate: b - log2(k) + 0.5*log2(pi*e/2) bits per quantized weight (Gaussian SDClip),
-    plus 2 bytes per row scale and per passthrough value."""
+    """Compressed size at b - log2(k) + 0.5*log2(pi*e/2) bits per quantized weight (Gaussian SDClip), 2 bytes per
+    row scale and per passthrough value."""
     bits = 0.0
     for name, t in state.items():
         plan = export_plan(name, t, h)
-        if plan is None:
-            bits += 16 * t.numel()
-        else:
-            per_weight = plan[0] - math.log2(plan[1]) + 0.5 * math.log2(math.pi * math.e / 2)
-            bits += t.numel() * max(per_weight, 0.5) + 16 * t.size(0)
+        per_weight = plan and max(plan[0] - math.log2(plan[1]) + 0.5 * math.log2(math.pi * math.e / 2), 0.5)
+        bits += t.numel() * per_weight + 16 * t.size(0) if plan else 16 * t.numel()
     return int(bits / 8)
 
-
 # Spending the budget: every quantized tensor has a ladder of grids, quarter-bit steps of the quantization step
-# around its default (the clip range kept at least the default's, up to int8); with LQER_TOP_K, the K tensors of
-# largest error also have each grid plus LQER factors. Cheap trials rate each rung by the entropy of its rounded
-# codes (scaled to the exact compressed size of the default; LQER: plus its factors' bytes) and by its
-# Hessian-diagonal-weighted rounding error; a Lagrange multiplier then picks one rung per tensor so that the
-# total lands just under the cap (LQER only where it removes more error per byte than a finer grid), and only the
-# chosen grids get GPTQ and a real compression.
+# around its default; the LQER_TOP_K tensors of largest error also have each grid plus LQER factors. Cheap trials
+# rate each rung by its codes' entropy (scaled to the default's exact compressed size) and its Hessian-weighted
+# error; a Lagrange multiplier then picks one rung per tensor so that the total lands just under the cap, and
+# only the chosen grids get GPTQ and a real compression.
 
 LADDER_STEPS = range(-8, 13)  # quantization step x 2^(-j/4): j > 0 is finer
+DEFAULT_RUNG = LADDER_STEPS.index(0)
 TARGET_SLACK = 10_000  # aim this far under the cap: the exact sizes after GPTQ differ a little from the trials
 
-
 def grid_ladder(bits, clip_k):
-    """[(bits, clip_k, LQER rank 0)] from coarsest to finest; rung 0 of LADDER_STEPS is the default grid."""
+    """[(bits, clip_k, LQER rank 0)] from coarsest to finest, the clip range at least the default's (up to int8)."""
     step, rungs = clip_k / (2 ** (bits - 1) - 1), []
     for j in LADDER_STEPS:
         s = step * 2 ** (-j / 4)
@@ -1306,36 +1240,27 @@ def grid_ladder(bits, clip_k):
         rungs.append((b, (2 ** (b - 1) - 1) * s, 0))
     return rungs
 
-
-def rung_trials(w, hdiag, rungs, h):
-    """[(estimated bytes, weighted squared error)] of rounding `w` to each rung's grid."""
-    w, out = w.detach().float(), []
-    for bits, clip_k, _ in rungs:
-        qmax, scale = 2 ** (bits - 1) - 1, row_scales(w, bits, clip_k, h)
-        codes = quantize_rows(w, scale, bits)
-        counts = torch.bincount((codes + qmax).flatten().long(), minlength=2 * qmax + 1).double()
-        p = counts[counts > 0] / codes.numel()
-        entropy_bytes = float(-(p * p.log2()).sum()) * codes.numel() / 8
-        out.append((entropy_bytes, float(((w - codes * scale[:, None]).square() * hdiag).sum())))
-    return out
-
-
-def lqer_trials(w, hdiag, rungs, h):
-    """[(bytes of the LQER factors, weighted squared error left)] of correcting each rung's rounding error."""
+def rung_trials(w, hdiag, rungs, h, lqer=False):
+    """[(bytes, weighted squared error)] of rounding `w` to each rung's grid, the bytes at the codes' entropy; with
+    lqer, the bytes of LQER factors that correct the rounding, and the error they leave."""
     w, out = w.detach().float(), []
     for bits, clip_k, _ in rungs:
         scale = row_scales(w, bits, clip_k, h)
-        error = w - quantize_rows(w, scale, bits) * scale[:, None]
-        f = lqer_factors(error, h.lqer_rank)
-        out.append((len(lqer_frame(f, h)[1]) + 2 * (1 + f["lqer_b_scale"].numel()), float(((error - lqer_product(f)).square() * hdiag).sum())))
+        codes = quantize_rows(w, scale, bits)
+        error = w - codes * scale[:, None]
+        if lqer:
+            f = lqer_factors(error, h.lqer_rank)
+            lqer_bytes = len(lqer_frame(f, h)[1]) + 2 * (1 + f["lqer_b_scale"].numel())
+            out.append((lqer_bytes, float(((error - lqer_product(f)).square() * hdiag).sum())))
+            continue
+        counts = torch.bincount((codes + 2 ** (bits - 1) - 1).flatten().long(), minlength=2 ** bits - 1).double()
+        p = counts[counts > 0] / codes.numel()
+        out.append((float(-(p * p.log2()).sum()) * codes.numel() / 8, float((error.square() * hdiag).sum())))
     return out
 
-
 def error_weights(name, state, hessians):
-    """Per-column weights of a tensor's squared rounding error in one unit for every tensor (squared output error
-    per token), so the allocation compares tensors fairly: a linear layer's input Hessian diagonal (ones, as for
-    unit-variance inputs, without one); for a lookup table, 1/rows (the share of tokens that read a row) times the
-    mean squared gain of the scaled projection after it."""
+    """Per-column weights of a squared rounding error in one unit (squared output error per token): a linear's input
+    Hessian diagonal (or ones); a table's, 1/rows (tokens per row) x the mean squared gain of its scaled projection."""
     if hessians and name in hessians:
         return torch.diagonal(hessians[name]).float().cpu().clamp_min(0)
     rows, cols = state[name].shape
@@ -1345,16 +1270,13 @@ def error_weights(name, state, hessians):
     gain = state[prefix + "scale"].float() ** 2 * state[prefix + "proj.weight"].float().square().sum() / cols
     return torch.full((cols,), float(gain) / rows)
 
-
 def pick_rungs(trials, budget):
-    """{name: rung} minimising the total error subject to total bytes <= budget: a Lagrange multiplier found by
-    bisection, then the bytes left spent on the best single-tensor upgrades."""
+    """{name: rung} of least total error within `budget` bytes: a Lagrange multiplier found by bisection, then the
+    bytes left spent on the upgrades that remove the most error per byte."""
     def choose(lam):
         return {n: min(range(len(t)), key=lambda i: t[i][1] + lam * t[i][0]) for n, t in trials.items()}
-
     def size(choice):
         return sum(trials[n][i][0] for n, i in choice.items())
-
     lo, hi = 0.0, 1.0
     while size(choose(hi)) > budget and hi < 1e30:
         lo, hi = hi, hi * 16
@@ -1362,7 +1284,7 @@ def pick_rungs(trials, budget):
         mid = (lo * hi) ** 0.5 if lo else hi / 1e6
         lo, hi = (lo, mid) if size(choose(mid)) <= budget else (mid, hi)
     choice = choose(hi)
-    while True:  # top up with the upgrade that removes the most error per byte
+    while True:
         left = budget - size(choice)
         moves = [((t[i][1] - t[j][1]) / (t[j][0] - t[i][0]), n, j) for n, t in trials.items() for i in [choice[n]]
                  for j in range(len(t)) if 0 < t[j][0] - t[i][0] <= left and t[j][1] < t[i][1]]
@@ -1371,113 +1293,106 @@ def pick_rungs(trials, budget):
         _, n, j = max(moves)
         choice[n] = j
 
+class Export:
+    """One export in progress: each quantized tensor's ladder of grids and current rung, the quantized state and
+    its frames, and the artifact of the current grids with its exact total bytes (code included)."""
+
+    def __init__(self, state, h, code_bytes, hessians, log, rank, world_size):
+        self.state, self.h, self.code_bytes, self.hessians, self.log = state, h, code_bytes, hessians or {}, log
+        self.ranks, self.frames, self.notes = (rank, world_size), {}, []
+        plans = {n: export_plan(n, t, h) for n, t in state.items()}
+        self.quantized = [n for n, p in plans.items() if p]
+        self.qstate = {n: {"raw": t.detach().to(torch.float16).cpu()} for n, t in state.items() if not plans[n]}
+        self.ladders = {n: grid_ladder(*plans[n]) for n in self.quantized}
+        self.rungs = {n: DEFAULT_RUNG for n in self.quantized}
+        self.regrid(self.quantized)
+
+    def regrid(self, names):
+        """GPTQ (or rounding) and compression of `names` at their current rungs, on the ranks in parallel; then the
+        artifact again, in the state's order (which the loader expects)."""
+        def quantize(n):
+            bits, clip_k, lqer_rank = self.ladders[n][self.rungs[n]]
+            entry, note = quantize_tensor(self.state[n], bits, clip_k, self.h, self.hessians.get(n), lqer_rank)
+            return entry, note, code_frames(n, entry, self.h)
+        costs = {n: self.state[n].numel() for n in names}
+        for n, (entry, note, frames) in on_ranks(quantize, costs, *self.ranks, self.log, "gptq" if self.hessians else "quantize").items():
+            self.qstate[n] = entry
+            self.frames.update(frames)
+            self.notes += [f"{n}: {note}"] if note else []
+        self.qstate = {n: self.qstate[n] for n in self.state}
+        self.half_frame = sixteen_bit_frame(self.qstate, self.h)
+        self.blob = serialize_quantized(self.qstate, self.frames, self.half_frame)
+        self.total = self.code_bytes + len(self.blob)
+
+    def rate_rungs(self, movable):
+        """{name: [(bytes, error)] per rung}, the entropy estimates scaled to each tensor's exact size on its default
+        grid; the LQER_TOP_K tensors of largest error gain each grid again with LQER."""
+        h, state, ladders = self.h, self.state, self.ladders
+        rate = lambda n, lqer=False: rung_trials(state[n].cpu(), error_weights(n, state, self.hessians), ladders[n], h, lqer)  # noqa: E731
+        trials = on_ranks(rate, {n: state[n].numel() for n in movable}, *self.ranks)
+        for n in movable:
+            ratio = len(self.frames[n][1]) / max(trials[n][DEFAULT_RUNG][0], 1.0)
+            trials[n] = [(b * ratio, e) for b, e in trials[n]]
+        fits = [n for n in movable if h.lqer_rank * state[n].shape[1] % LQER_GROUP == 0 and min(state[n].shape) > h.lqer_rank]
+        worst = sorted(fits, key=lambda n: -trials[n][DEFAULT_RUNG][1])[:h.lqer_top_k]
+        for n, twins in on_ranks(lambda n: rate(n, True), {n: state[n].numel() for n in worst}, *self.ranks).items():
+            trials[n] += [(b + x, e) for (b, _), (x, e) in zip(trials[n], twins)]
+            ladders[n] = ladders[n] + [(bits, k, h.lqer_rank) for bits, k, _ in ladders[n]]
+        return trials
+
+    def fit(self, movable):
+        """Move grids until the total lands just under the cap (with BUDGET_FILL, within 50 kB of it): pick rungs for
+        the budget, regrid what changed, measure, and steer the next attempt by this one's miss."""
+        h, cap, trials = self.h, self.h.artifact_cap_bytes, self.rate_rungs(movable)
+        aim = cap - TARGET_SLACK
+        for attempt in range(6):
+            others = self.total - sum(tensor_bytes(n, self.qstate, self.frames) for n in movable)
+            budget = aim - others if h.budget_fill else min(aim - others, sum(trials[n][DEFAULT_RUNG][0] for n in movable))
+            chosen = pick_rungs(trials, budget)
+            changed = [n for n in movable if chosen[n] != self.rungs[n]]
+            if not changed:
+                return
+            self.rungs.update(chosen)
+            self.regrid(changed)
+            for n in changed:  # the exact size replaces the estimate of the chosen rung
+                trials[n][self.rungs[n]] = (tensor_bytes(n, self.qstate, self.frames), trials[n][self.rungs[n]][1])
+            self.log(f"artifact_fit: attempt {attempt + 1}: {len(changed)} tensors regridded, total {self.total} bytes (cap {cap})")
+            if self.total <= cap and (self.total >= cap - TARGET_SLACK - 40_000 or not h.budget_fill):
+                return
+            aim += cap - TARGET_SLACK - self.total
+
+    def report(self, seconds):
+        grids = [f"int{bits}/k{clip_k:.1f}" for bits, clip_k, _ in (self.ladders[n][self.rungs[n]] for n in self.quantized)]
+        methods = [self.half_frame[0]] + [self.frames[n][0] for n in self.quantized]
+        return {"grids": {g: grids.count(g) for g in dict.fromkeys(grids)}, "methods": {m: methods.count(m) for m in dict.fromkeys(methods)},
+                "notes": self.notes, "seconds": seconds, "regridded": sum(r != DEFAULT_RUNG for r in self.rungs.values()),
+                "lqer": sorted(n for n in self.quantized if "lqer_a" in self.qstate[n])}
 
 def export_artifact(state, h, code_bytes, hessians=None, log=print, rank=0, world_size=1):
-    """Quantize (GPTQ on the ranks in parallel), choose each tensor's grid so that code + model land just under
-    ARTIFACT_CAP_BYTES (with BUDGET_FILL also spending what is left), compress, and measure exactly; the grids
-    move until the total fits. Returns (blob, qstate, report). Raises rather than return an over-cap artifact."""
+    """(blob, qstate, report): each tensor quantized on the grid that lands code + model just under ARTIFACT_CAP_BYTES
+    (BUDGET_FILL: also spending what is left), compressed and measured exactly. Raises rather than exceed the cap."""
     t0, cap = time.perf_counter(), h.artifact_cap_bytes
-    plans = {n: export_plan(n, t, h) for n, t in state.items()}
-    quantized = [n for n, p in plans.items() if p]
-    qstate = {n: {"raw": t.detach().to(torch.float16).cpu()} for n, t in state.items() if not plans[n]}
-    ladders = {n: grid_ladder(*plans[n]) for n in quantized}
-    default = LADDER_STEPS.index(0)
-    rungs, frames, notes = {n: default for n in quantized}, {}, []
-    slack = TARGET_SLACK
-
-    def regrid(names):
-        """GPTQ (or rounding) of `names` at their current rungs, then their code frames; all on the ranks in parallel."""
-        share = my_share({n: state[n].numel() for n in names}, rank, world_size)
-        progress = Progress(log, "gptq" if hessians else "quantize", len(share), "tensors") if log else None
-        done = {}
-        for n in share:
-            bits, clip_k, lqer_rank = ladders[n][rungs[n]]
-            done[n], note = quantize_tensor(state[n], bits, clip_k, h, hessians.get(n) if hessians else None, lqer_rank)
-            done[n]["note"] = note and f"{n}: {note}"
-            if progress:
-                progress.step()
-        for n, e in gather_dicts(done, world_size).items():
-            note = e.pop("note")
-            notes.extend([note] if note else [])
-            qstate[n] = e
-        frames.update(compress_code_frames(qstate, names, h, rank, world_size, log))
-
-    def measure():
-        """(exact total bytes, artifact, state, 16-bit frame method) for the current grids (the 16-bit frame holds
-        their row scales)."""
-        ordered = {n: qstate[n] for n in state}  # the state's order, which the loader expects
-        half = sixteen_bit_frame(ordered, h)
-        blob = serialize_quantized(ordered, frames, half)
-        return code_bytes + len(blob), blob, ordered, half[0]
-
-    regrid(quantized)
-    total, blob, ordered, half_method = measure()
-    movable = [n for n in quantized if not (h.qat != "off" and n.startswith("blocks."))]  # QAT trained on its grid
-    if movable and (total > cap - slack + TARGET_SLACK or (h.budget_fill and total < cap - slack) or h.lqer_top_k):
-        share = my_share({n: state[n].numel() for n in movable}, rank, world_size)
-        trials = gather_dicts({n: rung_trials(state[n].cpu(), error_weights(n, state, hessians), ladders[n], h)
-                               for n in share}, world_size)
-        for n in movable:  # scale the entropy estimates to this tensor's exact compressed size at the default grid
-            ratio = len(frames[n][1]) / max(trials[n][default][0], 1.0)
-            trials[n] = [(b * ratio, e) for b, e in trials[n]]
-        fits = [n for n in movable if lqer_fits(state[n].shape, h)]
-        candidates = sorted(fits, key=lambda n: -trials[n][default][1])[:h.lqer_top_k]
-        extra = gather_dicts({n: lqer_trials(state[n].cpu(), error_weights(n, state, hessians), ladders[n], h)
-                              for n in my_share({n: state[n].numel() for n in candidates}, rank, world_size)}, world_size)
-        for n, twins in extra.items():  # each grid again, with LQER factors
-            trials[n] = trials[n] + [(b + x, e) for (b, _), (x, e) in zip(trials[n], twins)]
-            ladders[n] = ladders[n] + [(bits, k, h.lqer_rank) for bits, k, _ in ladders[n]]
-        aim = cap - slack
-        for attempt in range(6):
-            others = total - sum(tensor_bytes(n, qstate, frames) for n in movable)
-            budget = aim - others if h.budget_fill else min(aim - others, sum(trials[n][default][0] for n in movable))
-            chosen = pick_rungs(trials, budget)
-            changed = [n for n in movable if chosen[n] != rungs[n]]
-            if not changed:
-                break
-            rungs.update(chosen)
-            regrid(changed)
-            for n in changed:  # the exact size replaces the estimate of the chosen rung
-                trials[n][rungs[n]] = (tensor_bytes(n, qstate, frames), trials[n][rungs[n]][1])
-            total, blob, ordered, half_method = measure()
-            log(f"artifact_fit: attempt {attempt + 1}: {len(changed)} tensors regridded, total {total} bytes (cap {cap})")
-            if total <= cap - slack + TARGET_SLACK and (total >= cap - slack - 40_000 or not h.budget_fill):
-                break
-            aim += cap - slack - total  # steer the next attempt by this one's miss
-    if total > cap:
-        raise RuntimeError(f"could not fit the artifact under {cap} bytes (total {total}); not writing it")
-    grids, methods = {}, {}
-    for n in quantized:
-        bits, clip_k, _ = ladders[n][rungs[n]]
-        key = f"int{bits}/k{clip_k:.1f}"
-        grids[key] = grids.get(key, 0) + 1
-    for m in [half_method] + [frames[n][0] for n in quantized]:
-        methods[m] = methods.get(m, 0) + 1
-    report = {"grids": grids, "methods": methods, "notes": notes, "seconds": time.perf_counter() - t0,
-              "regridded": sum(rungs[n] != default for n in quantized), "lqer": sorted(n for n in quantized if "lqer_a" in qstate[n])}
-    return blob, ordered, report
-
+    export = Export(state, h, code_bytes, hessians, log, rank, world_size)
+    movable = [n for n in export.quantized if not (h.qat != "off" and n.startswith("blocks."))]  # QAT trained on its grid
+    if movable and (export.total > cap or (h.budget_fill and export.total < cap - TARGET_SLACK) or h.lqer_top_k):
+        export.fit(movable)
+    if export.total > cap:
+        raise RuntimeError(f"could not fit the artifact under {cap} bytes (total {export.total}); not writing it")
+    return export.blob, export.qstate, export.report(time.perf_counter() - t0)
 
 @torch.no_grad()
 def collect_hessians(model, batches, h, autocast):
-    """H = sum over calls of X^T X / rows, in fp32 outside autocast (bf16 accumulation erred by 0.7 %), for each
-    exported linear's input, once per distinct input (c_q, c_k and c_v share one), over every pass of a looped
-    layer; the tied embedding's is the final-norm output (its input as LM head). Averaged over batches and ranks."""
-    hessians, hooks = {}, []
-
+    """H = X^T X / rows (fp32, outside autocast) of each exported linear's input, every pass of a looped layer adding
+    (c_k, c_v share c_q's), and of the final-norm output for the tied embedding; the mean over batches and ranks."""
+    hessians, hooks, shared, n = {}, [], {}, 0
     def accumulate(key):
         def hook(module, inputs, output):
             x = (inputs[0] if isinstance(module, CastedLinear) else output).detach()
             x = x.reshape(-1, x.size(-1)).float()
             with torch.autocast(x.device.type, enabled=False):
                 xtx = x.T @ x / x.size(0)
-            if key in hessians:
-                hessians[key] += xtx
-            else:
-                hessians[key] = xtx
+            hessians[key] = hessians[key].add_(xtx) if key in hessians else xtx
         return hook
-
-    shared = {}
     for name, module in model.named_modules():
         if isinstance(module, CastedLinear) and name.startswith("blocks.") and export_plan(name + ".weight", module.weight, h):
             if name.endswith((".attn.c_k", ".attn.c_v")):
@@ -1486,11 +1401,9 @@ def collect_hessians(model, batches, h, autocast):
                 hooks.append(module.register_forward_hook(accumulate(name + ".weight")))
     if export_plan("tok_emb.weight", model.tok_emb.weight, h):
         hooks.append(model.final_norm.register_forward_hook(accumulate("tok_emb.weight")))
-    n = 0
-    for x in batches:
+    for n, x in enumerate(batches, 1):
         with autocast:
             model.forward_logits(x)
-        n += 1
     for hook in hooks:
         hook.remove()
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -1498,9 +1411,7 @@ def collect_hessians(model, batches, h, autocast):
         if world > 1:
             dist.all_reduce(hessians[key])
         hessians[key] /= n * world
-    hessians.update({name: hessians[source] for name, source in shared.items()})
-    return hessians
-
+    return hessians | {name: hessians[source] for name, source in shared.items()}
 
 # ----------------------------------------------------------------------------------------------------
 # Evaluation and score-first test-time training. One Scorer records every target's loss exactly once; a mode only
