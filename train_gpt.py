@@ -125,24 +125,20 @@ HYPERPARAMETERS = [
     ("ADAM_EPS", float, 1e-8, 0, "Adam epsilon"),
     ("GRAD_CLIP_NORM", float, 0.3, 0, "global grad-norm clip (0: off)"),
     # weight averaging
-    ("AVERAGING", ("ema", "swa", "none"), "ema", None, "which weight average is exported"),
+    ("AVERAGING", ("ema", "none"), "ema", None, "export the EMA of the weights, or the live weights"),
     ("EMA_DECAY", float, 0.9965, 0, "EMA decay per step; the EMA starts at step 2/(1-EMA_DECAY), before it the live weights"),
-    ("SWA_EVERY", int, 50, 1, "SWA snapshot interval in steps"),
-    ("SWA_START_LR_SCALE", float, 0.4, 0, "SWA collects once the LR multiplier falls below this"),
     # export
     ("GPTQ", bool, True, None, "full-Hessian GPTQ (Hessians from training batches inside the clock)"),
     ("GPTQ_CALIB_BATCHES", int, 16, 1, "training micro-batches per rank for GPTQ Hessians"),
     ("GPTQ_RESERVE_SECONDS", float, 8.0, 0, "the loop stops this early so Hessians finish inside the clock"),
     ("GPTQ_BLOCK", int, 128, 1, "GPTQ column block size"),
     ("GPTQ_DAMP", float, 0.01, 0, "GPTQ damping as a fraction of mean(diag H)"),
-    ("EXPORT_CLIP", ("sdclip", "search"), "sdclip", None, "per-row clip: k*std (SDClip) or MSE search over quantiles"),
     ("ATTN_BITS", int, 6, 2, "bits of attention matrices"),
     ("MLP_BITS", int, 6, 2, "bits of MLP matrices (5: int5)"),
     ("ATTN_CLIP_K", float, 13.0, 0.1, "SDClip k for attention matrices"),
     ("MLP_CLIP_K", float, 12.0, 0.1, "SDClip k for MLP matrices"),
     ("EMBED_BITS", int, 8, 2, "bits of embedding tables (16: fp16 passthrough)"),
     ("EMBED_CLIP_K", float, 20.0, 0.1, "SDClip k for embedding tables"),
-    ("BYTE_SHUFFLE", "auto_bool", "auto", None, "byte-shuffle the 16-bit frame before compressing (auto: whichever is smaller)"),
     ("ZSTD_LEVEL", int, 22, 1, "zstd level of the model file (each frame is the smaller of zstd and lzma)"),
     ("ARTIFACT_CAP_BYTES", int, 16_000_000, 1, "cap on code + model bytes; export fits under it"),
     ("BUDGET_FILL", bool, True, None, "spend the bytes left under the cap on finer grids where they cut the most error"),
@@ -285,7 +281,7 @@ class Hyperparameters:
         need(self.xsa_last_n <= self.num_layers, f"XSA_LAST_N must be <= NUM_LAYERS ({self.num_layers}); got {self.xsa_last_n}")
         need(not (self.smear_gate or self.attn_gate) or self.model_dim >= 12, "SMEAR_GATE and ATTN_GATE need MODEL_DIM >= 12")
         need(self.bigram_buckets != 1, "BIGRAM_BUCKETS must be 0 (off) or >= 2")
-        for name in ("WARMDOWN_FRAC", "MIN_LR", "SWA_START_LR_SCALE", "LOOP_START_FRAC", "WD_TAPER_START_FRAC"):
+        for name in ("WARMDOWN_FRAC", "MIN_LR", "LOOP_START_FRAC", "WD_TAPER_START_FRAC"):
             need(getattr(self, name.lower()) <= 1, f"{name} must be in [0, 1]; got {getattr(self, name.lower())}")
         for name in ("EMA_DECAY", "BETA1", "BETA2"):
             need(getattr(self, name.lower()) < 1, f"{name} must be in [0, 1); got {getattr(self, name.lower())}")
@@ -870,7 +866,7 @@ def build_model(h, use_fa3=None):
 
 # ----------------------------------------------------------------------------------------------------
 # Optimizer: Muon for block matrices, AdamW for embeddings, tables and control tensors; the LR, momentum and
-# weight-decay schedules; the weight average (EMA or SWA) that is exported.
+# weight-decay schedules; the weight average (EMA) that is exported.
 
 QUINTIC = (3.4445, -4.7750, 2.0315)  # the classic Newton-Schulz step, run 5 times
 POLAR_EXPRESS = [  # Polar Express: one quintic per step, tuned so that 5 steps land closer to U V^T
@@ -982,35 +978,26 @@ def muon_momentum(h, step):
     return (1 - f) * h.muon_momentum_warmup_start + f * h.muon_momentum
 
 class WeightAverager:
-    """The exported average. EMA: e <- d*e + (1-d)*w, d = min(EMA_DECAY, (1+s)/(10+s)) s steps after t0 = 2/(1-EMA_DECAY),
-    before t0 the live weights (a 1/(1-d)-step average cannot help sooner). SWA: the mean of snapshots every SWA_EVERY
-    steps once the LR multiplier < SWA_START_LR_SCALE."""
+    """The exported weights: with AVERAGING=ema, e <- d*e + (1-d)*w with d = min(EMA_DECAY, (1+s)/(10+s)) s steps after
+    t0 = 2/(1-EMA_DECAY), before t0 the live weights (a 1/(1-d)-step average cannot help sooner)."""
 
     def __init__(self, model, h):
-        self.mode, self.h, self.count, self.params = h.averaging, h, 0, list(model.parameters())
-        self.ema_start = round(2 / (1 - h.ema_decay))
-        self.avg = [] if self.mode == "none" else [p.detach().float().clone() if self.mode == "ema" else
-                                                   torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self.h, self.params, self.ema_start = h, list(model.parameters()), round(2 / (1 - h.ema_decay))
+        self.avg = [p.detach().float().clone() for p in self.params] if h.averaging == "ema" else None
 
     @torch.no_grad()
-    def update(self, step, lr_scale):
-        current = [p.detach().float() for p in self.params]
-        if self.mode == "ema":
+    def update(self, step):
+        if self.avg is not None:
             since = step - self.ema_start
-            torch._foreach_lerp_(self.avg, current, 1 if since < 0 else 1 - min(self.h.ema_decay, (1 + since) / (10 + since)))
-        elif self.mode == "swa" and lr_scale < self.h.swa_start_lr_scale and step % self.h.swa_every == 0:
-            torch._foreach_add_(self.avg, current)
-            self.count += 1
+            decay = 0 if since < 0 else min(self.h.ema_decay, (1 + since) / (10 + since))
+            torch._foreach_lerp_(self.avg, [p.detach().float() for p in self.params], 1 - decay)
 
     @torch.no_grad()
     def apply_to(self, model):
         """Loads the average into `model`; returns what was loaded, in words."""
-        if self.mode == "none" or (self.mode == "swa" and self.count == 0):
-            return "live weights" + (" (SWA collected no snapshot)" if self.mode == "swa" else "")
-        scale = 1.0 / self.count if self.mode == "swa" else 1.0
-        for p, a in zip(model.parameters(), self.avg):
-            p.copy_(a * scale)
-        return f"EMA decay {self.h.ema_decay}" if self.mode == "ema" else f"SWA of {self.count} snapshots"
+        for p, a in zip(model.parameters(), self.avg or []):
+            p.copy_(a)
+        return "live weights" if self.avg is None else f"EMA decay {self.h.ema_decay}"
 
 # ----------------------------------------------------------------------------------------------------
 # Quantization and export: per-row int-k codes (GPTQ or rounding) with optional LQER corrections and fp16
@@ -1023,20 +1010,6 @@ def export_plan(name, tensor, h):
     if name.startswith("blocks.") and tensor.ndim == 2 and not is_control(name):
         return (h.mlp_bits, h.mlp_clip_k) if ".mlp." in name else (h.attn_bits, h.attn_clip_k)
     return None
-
-def search_clip_scales(w, bits, quantiles=(0.999, 0.9995, 0.9999, 0.99999, 1.0)):
-    """GPTQ-lite: per row, the clip quantile of |w| whose rounding has the lowest squared error."""
-    w = w.float()
-    best_scale, best_err = torch.zeros_like(w[:, 0]), torch.full_like(w[:, 0], math.inf)
-    for qt in quantiles:
-        clip = torch.quantile(w.abs(), qt, dim=1) if qt < 1 else w.abs().amax(dim=1)
-        scale = (clip / (2 ** (bits - 1) - 1)).half().float().clamp_min(2 ** -24)
-        err = (quantize_rows(w, scale, bits) * scale[:, None] - w).square().sum(1)
-        best_scale, best_err = torch.where(err < best_err, scale, best_scale), torch.minimum(err, best_err)
-    return best_scale
-
-def row_scales(w, bits, clip_k, h):
-    return sdclip_scales(w, bits, clip_k) if h.export_clip == "sdclip" else search_clip_scales(w, bits)
 
 def gptq_quantize(w, hessian, scale, bits, damp=0.01, block=128):
     """Full-Hessian GPTQ: columns in order of decreasing H_ii, each rounding error pushed onto the later columns through
@@ -1066,7 +1039,7 @@ def quantize_tensor(w, bits, clip_k, h, hessian=None, lqer_rank=0):
     """(entry, note): {"codes", "scale", "bits"} of a matrix, by GPTQ given a Hessian (else, or if every damping
     fails, by rounding; the note says what gave way); with lqer_rank, plus LQER factors where they cut the error."""
     w = w.detach().float()
-    scale, codes, note = row_scales(w, bits, clip_k, h), None, None
+    scale, codes, note = sdclip_scales(w, bits, clip_k), None, None
     for damp in GPTQ_DAMPING if hessian is not None else ():
         try:
             codes = gptq_quantize(w, hessian.to(w.device), scale, bits, damp)
@@ -1169,7 +1142,7 @@ def code_frames(name, e, h):
 def sixteen_bit_frame(qstate, h):
     halves = [t.numpy().tobytes() for e in qstate.values() for t in
               ([e["scale"]] + ([e["lqer_a_scale"], e["lqer_b_scale"]] if "lqer_a" in e else []) if "codes" in e else [e["raw"]])]
-    return compress_frame(b"".join(halves), h.zstd_level, False, h.byte_shuffle)
+    return compress_frame(b"".join(halves), h.zstd_level, False, None)
 
 def tensor_bytes(name, qstate, frames):
     """A quantized tensor's bytes beyond its row scales: its code frame, and its LQER frame and 16-bit scales."""
@@ -1245,7 +1218,7 @@ def rung_trials(w, hdiag, rungs, h, lqer=False):
     lqer, the bytes of LQER factors that correct the rounding, and the error they leave."""
     w, out = w.detach().float(), []
     for bits, clip_k, _ in rungs:
-        scale = row_scales(w, bits, clip_k, h)
+        scale = sdclip_scales(w, bits, clip_k)
         codes = quantize_rows(w, scale, bits)
         error = w - codes * scale[:, None]
         if lqer:
@@ -1373,9 +1346,8 @@ def export_artifact(state, h, code_bytes, hessians=None, log=print, rank=0, worl
     (BUDGET_FILL: also spending what is left), compressed and measured exactly. Raises rather than exceed the cap."""
     t0, cap = time.perf_counter(), h.artifact_cap_bytes
     export = Export(state, h, code_bytes, hessians, log, rank, world_size)
-    movable = [n for n in export.quantized if not (h.qat != "off" and n.startswith("blocks."))]  # QAT trained on its grid
-    if movable and (export.total > cap or (h.budget_fill and export.total < cap - TARGET_SLACK) or h.lqer_top_k):
-        export.fit(movable)
+    if export.quantized and (export.total > cap or (h.budget_fill and export.total < cap - TARGET_SLACK) or h.lqer_top_k):
+        export.fit(export.quantized)
     if export.total > cap:
         raise RuntimeError(f"could not fit the artifact under {cap} bytes (total {export.total}); not writing it")
     return export.blob, export.qstate, export.report(time.perf_counter() - t0)
@@ -2029,7 +2001,7 @@ def make_train_step(run, model, optimizers, accum):
     lr_scale, Muon's momentum and tapered WD. The model is compiled (fullgraph) and wrapped in DDP as needed."""
     h = run.h
     if run.compile:
-        optimizers.muon.orthogonalize = torch.compile(orthogonalize, dynamic=False)  # one static graph per matrix shape
+        optimizers.compile()
     net = torch.compile(model, dynamic=False, fullgraph=True) if run.compile else model
     if run.world_size > 1:  # DDP around the compiled model: compile(DDP) does not trace under fullgraph (tested)
         net = DDP(net, device_ids=[run.device.index] if run.is_cuda else None, broadcast_buffers=False, gradient_as_bucket_view=True)
@@ -2112,7 +2084,7 @@ def train(run, data):
             log(f"loop:on step:{step} layers {h.loop[0]}-{h.loop[1]} x{h.loop_repeats + 1} ({len(model.looped)} virtual layers)")
         looping, loss = loop_on(h, frac), train_step(loader, step, frac, scale)
         step += 1
-        averager.update(step, scale)
+        averager.update(step)
         approx_ms = train_ms + 1000 * (time.perf_counter() - t0)
         stop = bool(run.all_reduce(torch.tensor(float(cap_ms > 0 and approx_ms >= cap_ms), device=device), dist.ReduceOp.MAX).item())
         if step <= 10 or step % h.train_log_every == 0 or stop or step == h.iterations:

@@ -125,7 +125,7 @@ def test_eval_artifact_charged_from_a_sidecar(tmp_path):
     assert "val_bytes: piece table of the tokenizer" in log
     plain = final_line(log)
 
-    luts = train_gpt.build_byte_luts(train_gpt.load_tokenizer(str(DOCS_TOKENIZER)), 1024)
+    luts = train_gpt.build_byte_luts(train_gpt.load_tokenizer(str(DOCS_TOKENIZER)))
     t = torch.from_numpy(val)
     doubled = np.concatenate([[0], 2 * train_gpt.target_bytes(luts, t[:-1], t[1:]).numpy()])
     smoke_data.write_shard(data / "fineweb_val_bytes_000000.bin", doubled)

@@ -1,7 +1,6 @@
 """Data pipeline, exact val_bpb accounting, sliding-window evaluation, settings validation and import hygiene
 of train_gpt.py (RULES.md sections 6-8). CPU only, small tensors; the smoke dataset is shared via conftest."""
 import io
-import itertools
 import json
 import math
 import os
@@ -184,7 +183,7 @@ def test_load_validation_tokens_boundary(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. TokenStream / DistributedTokenLoader
+# 2. WindowSampler / DistributedTokenLoader
 
 
 @pytest.fixture
@@ -198,61 +197,7 @@ def three_shards(tmp_path):
     return files, np.concatenate(parts)
 
 
-def test_token_stream_crosses_shards_and_wraps(three_shards):
-    files, full = three_shards
-    total = len(full)  # 30
-    ref = itertools.cycle(full.tolist())
-    stream = train_gpt.TokenStream(files)
-    for n in (3, 7, 9, 1, 10, 30, 31, 65, 2, 100):
-        got = stream.take(n)
-        assert got.tolist() == [next(ref) for _ in range(n)], n
-    # fully deterministic: a fresh stream replays the same tokens
-    a, b = train_gpt.TokenStream(files), train_gpt.TokenStream(files)
-    assert np.array_equal(a.take(3 * total + 5), b.take(3 * total + 5))
-
-
-def _loader_chunk(x, y):
-    """The span of stream tokens a rank's (x, y) came from: x flattened plus the last target."""
-    fx, fy = x.reshape(-1), y.reshape(-1)
-    assert torch.equal(fx[1:], fy[:-1])  # y is x shifted by one
-    return torch.cat([fx, fy[-1:]]).tolist()
-
-
-@pytest.mark.parametrize("world_size", [1, 2, 4])
-@pytest.mark.parametrize("local_tokens,seq_len", [(4, 2), (6, 3), (8, 8)])
-def test_distributed_loader_ranks_partition_stream(three_shards, world_size, local_tokens, seq_len):
-    files, full = three_shards
-    cpu = torch.device("cpu")
-    loaders = [train_gpt.DistributedTokenLoader(files, r, world_size, cpu, local_tokens, seq_len) for r in range(world_size)]
-    single = train_gpt.DistributedTokenLoader(files, 0, 1, cpu, local_tokens, seq_len)
-    ref = itertools.cycle(full.tolist())
-    span = local_tokens + 1
-    for _ in range(5):  # several calls: crosses every shard boundary and wraps around
-        chunk = [next(ref) for _ in range(world_size * span)]
-        seen = []
-        for r, loader in enumerate(loaders):
-            x, y, _ = loader.next_batch()
-            assert x.shape == y.shape == (local_tokens // seq_len, seq_len)
-            assert x.dtype == y.dtype == torch.int64
-            mine = _loader_chunk(x, y)
-            assert mine == chunk[r * span:(r + 1) * span]  # disjoint, in stream order
-            seen.extend(mine)
-            # one rank making world_size consecutive calls sees exactly what rank r sees
-            x1, y1, _ = single.next_batch()
-            assert torch.equal(x1, x) and torch.equal(y1, y)
-        assert seen == chunk  # together (x plus the +1 target) they cover exactly the chunk
-
-
-def test_token_stream_skips_empty_shard(tmp_path):
-    parts = [np.arange(0, 5), np.arange(0), np.arange(50, 53)]
-    files = []
-    for i, p in enumerate(parts):
-        smoke_data.write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", p)
-        files.append(str(tmp_path / f"fineweb_train_{i:06d}.bin"))
-    assert train_gpt.TokenStream(files).take(20).tolist() == (list(range(5)) + [50, 51, 52]) * 2 + [0, 1, 2, 3]
-
-
-def test_token_stream_all_empty_shards_raises(tmp_path):
+def test_loader_with_only_empty_shards_raises(tmp_path):
     import signal
 
     files = []
@@ -261,13 +206,13 @@ def test_token_stream_all_empty_shards_raises(tmp_path):
         files.append(str(tmp_path / f"fineweb_train_{i:06d}.bin"))
 
     def timeout(*_):
-        raise TimeoutError("TokenStream.take did not return within 1 s")
+        raise TimeoutError("next_batch did not return within 1 s")
 
     old = signal.signal(signal.SIGALRM, timeout)
     signal.alarm(1)
     try:
         with pytest.raises(DataError):
-            train_gpt.DistributedTokenLoader(files, 0, 1, torch.device("cpu"), 4, 2).next_batch()
+            train_gpt.DistributedTokenLoader(files, 0, 1, torch.device("cpu"), 4, 2, 0).next_batch()
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
@@ -275,8 +220,8 @@ def test_token_stream_all_empty_shards_raises(tmp_path):
 
 def test_distributed_loader_deterministic(three_shards):
     files, _ = three_shards
-    a = train_gpt.DistributedTokenLoader(files, 1, 2, torch.device("cpu"), 6, 3)
-    b = train_gpt.DistributedTokenLoader(files, 1, 2, torch.device("cpu"), 6, 3)
+    a = train_gpt.DistributedTokenLoader(files, 1, 2, torch.device("cpu"), 6, 3, 5)
+    b = train_gpt.DistributedTokenLoader(files, 1, 2, torch.device("cpu"), 6, 3, 5)
     for _ in range(6):
         xa, ya, _ = a.next_batch()
         xb, yb, _ = b.next_batch()
@@ -431,23 +376,17 @@ def check_lut_classes(sp, luts):
 
 def test_luts_smoke_tokenizer(smoke_dataset, smoke_tokenizer):
     sp = smoke_tokenizer
-    luts = train_gpt.build_byte_luts(sp, 1024)
+    luts = train_gpt.build_byte_luts(sp)
     assert all(t.shape == (1024,) for t in luts)
     check_lut_classes(sp, luts)
     check_luts_against_decode(sp, luts, SAMPLE_TEXTS)
     check_luts_on_documents(sp, luts, train_gpt.read_shard(smoke_dataset[0] / "fineweb_val_000000.bin"))
 
 
-def test_luts_padded_to_model_vocab(smoke_tokenizer):
-    base, space, boundary = train_gpt.build_byte_luts(smoke_tokenizer, 1100)
-    assert base.shape == space.shape == boundary.shape == (1100,)
-    assert base[1024:].eq(0).all() and boundary[1024:].all() and not space[1024:].any()
-
-
 def test_luts_docs_tokenizer():
     tokens = docs_val_tokens()
     sp = train_gpt.load_tokenizer(str(DOCS_TOKENIZER))
-    luts = train_gpt.build_byte_luts(sp, 1024)
+    luts = train_gpt.build_byte_luts(sp)
     check_lut_classes(sp, luts)
     check_luts_against_decode(sp, luts, SAMPLE_TEXTS)
     check_luts_on_documents(sp, luts, tokens)
@@ -462,7 +401,7 @@ def test_luts_reject_tokenizer_without_space_piece():
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     assert sp.piece_to_id("\u2581") == sp.unk_id()
     with pytest.raises(DataError) as info:
-        train_gpt.build_byte_luts(sp, sp.vocab_size())
+        train_gpt.build_byte_luts(sp)
     assert "\u2581" in str(info.value)
 
 
@@ -498,7 +437,7 @@ def test_val_bpb_exact(tmp_path, smoke_dataset, smoke_tokenizer, source):
     _, tokens = train_gpt.load_validation_tokens(str(data_path), L)
     n = tokens.numel() - 1
     assert n == ((len(raw) - 1) // L) * L and n < len(raw) - 1  # truncation really drops a tail here
-    luts = train_gpt.build_byte_luts(sp, V)
+    luts = train_gpt.build_byte_luts(sp)
     nbytes = independent_bytes(sp, tokens.tolist())
 
     if source == "smoke":  # uniform logits: every target costs ln V
@@ -1017,8 +956,8 @@ def test_largest_vocabulary_reads_trains_and_exports(tmp_path):
     model = train_gpt.build_model(h)
     ids = torch.from_numpy(tokens)[None]
     assert model.bigram.bucket_ids(ids).max() < h.bigram_buckets and torch.isfinite(model(ids, ids)).all()
-    luts = train_gpt.build_byte_luts(_FakeSPVocab(300), 65536)  # ids past the tokenizer's pieces count 0 bytes
-    assert luts[0].numel() == 65536 and train_gpt.target_bytes(luts, ids[:, :-1], ids[:, 1:]).tolist() == [[0, 1, 0, 0, 0]]
+    luts = train_gpt.build_byte_luts(_FakeSPVocab(65536))  # ids 65534 and 65535 are one-letter pieces
+    assert luts[0].numel() == 65536 and train_gpt.target_bytes(luts, ids[:, :-1], ids[:, 1:]).tolist() == [[1, 1, 1, 0, 1]]
     blob, qstate, _ = train_gpt.export_artifact(model.state_dict(), make_h(VOCAB_SIZE=65536, BUDGET_FILL=0, MODEL_DIM=32,
                                                NUM_HEADS=2, NUM_KV_HEADS=1, ROPE_DIMS=8, NUM_LAYERS=2, XSA_LAST_N=-1), 0, log=lambda m: None)
     assert train_gpt.deserialize_quantized(blob)["tok_emb.weight"]["codes"].shape == (65536, 32)

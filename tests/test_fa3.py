@@ -190,11 +190,11 @@ def test_configure_attention(fa3, monkeypatch):
     class FakeRun:
         def __init__(self, **env):
             self.h, self.is_cuda, self.bf16, self.device = make_h(**env), False, True, torch.device("cpu")
-            self.log = lambda *a, **k: None
+            self.log, self.use_fa3 = (lambda *a, **k: None), None
     run = FakeRun(FA3="force")
-    assert train_gpt.configure_attention(run).startswith("fa3 (flash_attn_interface, varlen") and run.h.fa3 == "force"
+    assert train_gpt.configure_attention(run).startswith("fa3 (flash_attn_interface, varlen") and run.use_fa3 is True
     run = FakeRun(FA3="1")
-    assert train_gpt.configure_attention(run) == "sdpa (CPU)" and run.h.fa3 == "0"
+    assert train_gpt.configure_attention(run) == "sdpa (CPU)" and run.use_fa3 is False and run.h.fa3 == "1"  # settings unchanged
     monkeypatch.setattr(train_gpt, "fa3_attention", None)
     with pytest.raises(train_gpt.ConfigError, match="FA3=force"):
         train_gpt.configure_attention(FakeRun(FA3="force"))

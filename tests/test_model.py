@@ -140,7 +140,7 @@ def test_causality_check_detects_leaks(monkeypatch, leak):
     elif leak == "smear_next_token":
         monkeypatch.setattr(train_gpt.SmearGate, "forward", _leaky_smear)
     else:
-        monkeypatch.setattr(train_gpt.BigramHash, "bucket_ids", _leaky_bigram)
+        monkeypatch.setattr(train_gpt.TableEmbedding, "bucket_ids", _leaky_bigram)
     h = make_h(FA3=0)
     model = build(h)
     leaks, _ = causality_report(model, sample_ids(h.vocab_size), h.vocab_size, positions=(1, 8, 31))
@@ -181,7 +181,7 @@ def test_smear_gate_is_identity_at_bos():
 
 def test_bigram_bucket_ids_at_sequence_start_and_bos():
     buckets = 64
-    bigram = train_gpt.BigramHash(buckets, 8, 16)
+    bigram = train_gpt.TableEmbedding(buckets, 8, 16, 0.02, 0.05, buckets)
     ids = packed_stream()
     got = bigram.bucket_ids(ids)
     starts = ids == BOS

@@ -11,10 +11,10 @@ snaps = {}
 real_update = tg.WeightAverager.update
 
 
-def spy(self, step, lr_scale):
+def spy(self, step):
     if step >= 200 - KEEP:
-        snaps[step] = ([p.detach().float().clone() for p in self.params], lr_scale)
-    return real_update(self, step, lr_scale)
+        snaps[step] = ([p.detach().float().clone() for p in self.params], None)
+    return real_update(self, step)
 
 
 tg.WeightAverager.update = spy
@@ -23,7 +23,7 @@ data = tg.Data(run)
 trained, _, _ = tg.train_to_export(run, data)  # the run's own phases (the Hessians and pre-quant pass are not used here)
 params = list(trained.model.parameters())
 steps = sorted(snaps)
-print("SNAP steps", steps[0], "..", steps[-1], "lr_scale at end", snaps[steps[-1]][1], flush=True)
+print("SNAP steps", steps[0], "..", steps[-1], flush=True)
 
 
 def score(name, weights):
