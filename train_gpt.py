@@ -151,7 +151,7 @@ HYPERPARAMETERS = [
     ("EVAL_ARTIFACT", str, "", None, "skip training and export; evaluate this artifact with the current settings"),
     ("DUMP_NLL", str, "", None, "write every target's nll, bytes and scoring batch of the final evaluation to this .npz"),
     # score-first test-time training
-    ("TTT", ("off", "lora", "sgd"), "lora", None, "test-time training during the final evaluation (score first, then adapt)"),
+    ("TTT", ("off", "lora"), "lora", None, "score-first LoRA test-time training in the final evaluation (off: sliding windows)"),
     ("TTT_BUDGET_SECONDS", float, 540.0, 1, "a unit is adapted only if the projected eval clock stays within this; the rest is scored without updates"),
     ("TTT_CHUNK", int, 48, 1, "lora: targets of a document scored (then trained on) per step"),
     ("TTT_BATCH_DOCS", int, 64, 1, "lora: documents adapted side by side"),
@@ -161,11 +161,9 @@ HYPERPARAMETERS = [
     ("TTT_LORA_WD", float, 0.5, 0, "lora: AdamW weight decay"),
     ("TTT_PHASES", str, "", None, "lora: comma list of document counts (queue order) after which one epoch of full-model SGD runs"),
     ("TTT_PHASE_LR", float, 0.001, 0, "phases: SGD LR, cosine-decayed over the phase's chunks (a fresh optimizer each phase)"),
-    ("TTT_SGD_CHUNK", int, 32768, 1, "sgd (and phases): tokens per chunk, a multiple of EVAL_SEQ_LEN"),
-    ("TTT_SGD_EPOCHS", int, 3, 1, "sgd: steps on each chunk after it is scored"),
-    ("TTT_SGD_LR", float, 0.002, 0, "sgd: LR, cosine-decayed over the chunks"),
-    ("TTT_SGD_MOMENTUM", float, 0.9, 0, "sgd and phases: momentum"),
-    ("TTT_GRAD_CLIP", float, 1.0, 0, "sgd and phases: gradient-norm clip (0: off)"),
+    ("TTT_SGD_CHUNK", int, 32768, 1, "phases: tokens per SGD step, a multiple of EVAL_SEQ_LEN"),
+    ("TTT_SGD_MOMENTUM", float, 0.9, 0, "phases: SGD momentum"),
+    ("TTT_GRAD_CLIP", float, 1.0, 0, "phases: gradient-norm clip (0: off)"),
 ]
 
 # The recommended 8192-vocabulary stack: no BigramHash or value embeddings (their gains were at 1024 pieces), an
@@ -291,7 +289,7 @@ class Hyperparameters:
         need(self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE ({self.eval_stride}) must be <= EVAL_SEQ_LEN ({self.eval_seq_len})")
         phases = self.phase_counts
         need(all(x > 0 for x in phases) and phases == sorted(set(phases)), f"TTT_PHASES must be increasing document counts; got {self.ttt_phases!r}")
-        need(not (self.ttt == "sgd" or phases) or self.ttt_sgd_chunk % self.eval_seq_len == 0,
+        need(not phases or self.ttt_sgd_chunk % self.eval_seq_len == 0,
              f"TTT_SGD_CHUNK ({self.ttt_sgd_chunk}) must be a multiple of EVAL_SEQ_LEN ({self.eval_seq_len})")
         need(not self.eval_artifact or os.path.isfile(self.eval_artifact), f"EVAL_ARTIFACT {self.eval_artifact} is not a file")
         need(self.zstd_level <= 22, f"ZSTD_LEVEL must be in 1..22; got {self.zstd_level}")
@@ -1482,12 +1480,11 @@ def make_logits_fn(model, compile_model, autocast):
 # Test-time training runs the model's own forward. A budget decides, unit by unit, whether adapting fits in
 # TTT_BUDGET_SECONDS of eval clock; every target is scored either way.
 # Prior seconds per unit of work on one H100, from the records' logs, until the run measures its own: LoRA TTT 1.33 us
-# per token pass (a row position, forward and backward), 15.7 ms per chunk step, 33 ms per batch (04-13); full-model
-# SGD (phases, TTT=sgd) 0.12 s per 32,768-token chunk on 8 ranks = 29 us per token per rank (04-27); sliding-window
-# scoring 0.3 us per token position (03-25: ~70 s for the validation set on 8 GPUs). Scoring a LoRA batch without
-# updates is taken as half of adapting it until measured.
+# per token pass (a row position, forward and backward), 15.7 ms per chunk step, 33 ms per batch (04-13); a phase's
+# full-model SGD 0.12 s per 32,768-token chunk on 8 ranks = 29 us per token per rank (04-27). Scoring a LoRA batch
+# without updates is taken as half of adapting it until measured.
 TTT_PRIOR = {"token_pass": 1.33e-6, "chunk_step": 15.7e-3, "batch": 33e-3, "score_pass": 0.67e-6, "score_step": 7.9e-3,
-             "sgd_token": 29e-6, "window_pass": 0.3e-6}
+             "sgd_token": 29e-6}
 TTT_MARGIN = 0.03  # share of the projected remaining work kept in hand against the cost model's error
 TTT_CHECK_SECONDS = 1.0  # an adapting batch re-checks the budget this often
 TTT_LANES = 8  # warm-A chains: the records' 8 ranks; every world size dividing it runs the same chains, same scores
@@ -1499,24 +1496,24 @@ class Work(dict):
         return Work({k: self.get(k, 0) + other.get(k, 0) for k in {*self, *other}})
 
 class CostModel:
-    """Seconds for a Work: each kind's prior cost times its group's factor (LoRA adapting, LoRA scoring, SGD, sliding
-    windows), fitted to measured times by least squares pulled towards one common scale (worth half an observation):
+    """Seconds for a Work: each kind's prior cost times its group's factor (LoRA adapting, LoRA scoring, phase SGD),
+    fitted to measured times by least squares pulled towards one common scale (worth half an observation):
     a group never measured keeps its prior ratio to the others, and within a group the prior's proportions stay, so
     one odd measurement cannot swing a single kind's cost by orders of magnitude."""
 
-    GROUPS = {"token_pass": 0, "chunk_step": 0, "batch": 0, "score_pass": 1, "score_step": 1, "sgd_token": 2, "window_pass": 3}
+    GROUPS = {"token_pass": 0, "chunk_step": 0, "batch": 0, "score_pass": 1, "score_step": 1, "sgd_token": 2}
 
     def __init__(self, prior=None):
-        self.prior = dict(prior or TTT_PRIOR)
-        self.zz, self.zy, self.z2, self.z_sum, self.y_sum, self.n = np.zeros((4, 4)), np.zeros(4), np.zeros(4), 0.0, 0.0, 0
-        self.factors, self.errors = np.ones(4), []
+        self.prior, k = dict(prior or TTT_PRIOR), 3
+        self.zz, self.zy, self.z2, self.z_sum, self.y_sum, self.n = np.zeros((k, k)), np.zeros(k), np.zeros(k), 0.0, 0.0, 0
+        self.factors, self.errors = np.ones(k), []
 
     def error(self):
         """The largest relative error of the last 8 predictions, before each was measured (0 before any)."""
         return min(max(self.errors, default=0.0), 1.0)
 
     def features(self, work):
-        z = np.zeros(4)
+        z = np.zeros(len(self.factors))
         for kind, count in work.items():
             z[self.GROUPS[kind]] += self.prior[kind] * count
         return z
@@ -1680,69 +1677,30 @@ def drive_lora_ttt(plan, rank, h, budget, score_batch, start_lane, run_phase, ag
                 log(f"ttt: budget: phase {k + 1} skipped: it would not leave time to adapt the rest")
     return stats
 
-def sgd_on_tokens(run, model, train_fn, opt, tokens, lr, epochs):
-    """`epochs` full-batch SGD steps of the model (train_fn: its compiled or plain loss) on already-scored tokens:
-    sequences of EVAL_SEQ_LEN spread over the ranks, gradients all-reduced as the mean over every sequence."""
-    L = run.h.eval_seq_len
-    seqs = (tokens.numel() - 1) // L
-    mine = [i for i in range(seqs) if i % run.world_size == run.rank]
-    for group in opt.param_groups:
-        group["lr"] = lr
-    for _ in range(epochs if seqs else 0):
-        for i in mine:
-            chunk = tokens[i * L:(i + 1) * L + 1]
+def sgd_epoch(run, model, train_fn, tokens, lr):
+    """A phase: one epoch of full-model SGD on already-scored `tokens` with a fresh optimizer, one step per
+    TTT_SGD_CHUNK chunk at LR cosine-decayed over the chunks; a step's EVAL_SEQ_LEN sequences are spread over the
+    ranks (train_fn: the model's compiled or plain loss) and their gradients all-reduced into the mean of all."""
+    h, L, K = run.h, run.h.eval_seq_len, run.h.ttt_sgd_chunk
+    chunks = max((tokens.numel() - 1) // K, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=h.ttt_sgd_momentum)
+    for c in range(chunks):
+        chunk = tokens[c * K:(c + 1) * K + 1]
+        seqs = (chunk.numel() - 1) // L
+        for i in range(run.rank, seqs, run.world_size):
+            x, y = chunk[i * L:(i + 1) * L][None], chunk[i * L + 1:(i + 1) * L + 1][None]
             with run.autocast:
-                (train_fn(chunk[:-1][None], chunk[1:][None], model.starts_of(chunk[:-1][None])) / seqs).backward()
-        for p in model.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+                (train_fn(x, y, model.starts_of(x)) / seqs).backward()
+        if not seqs:  # a last chunk shorter than a sequence: no step
+            continue
+        for p in model.parameters():  # a rank without sequences (or a parameter without a gradient) adds zeros
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
             run.all_reduce(p.grad)
-        if run.h.ttt_grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), run.h.ttt_grad_clip)
+        if h.ttt_grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), h.ttt_grad_clip)
+        opt.param_groups[0]["lr"] = lr * 0.5 * (1 + math.cos(math.pi * c / max(chunks - 1, 1)))
         opt.step()
         opt.zero_grad(set_to_none=True)
-
-def sgd_epoch(run, model, train_fn, tokens, lr, epochs=1):
-    """A fresh SGD optimizer over `tokens` in TTT_SGD_CHUNK chunks, LR cosine-decayed over them (a phase's step)."""
-    K = run.h.ttt_sgd_chunk
-    chunks = max((tokens.numel() - 1) // K, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=run.h.ttt_sgd_momentum)
-    for c in range(chunks):
-        sgd_on_tokens(run, model, train_fn, opt, tokens[c * K:(c + 1) * K + 1], cosine(lr, c, chunks), epochs)
-
-def cosine(lr, i, n):
-    """lr decayed by a half cosine from step 0 to n-1."""
-    return lr * 0.5 * (1 + math.cos(math.pi * i / max(n - 1, 1)))
-
-def ttt_sgd(run, model, train_fn, scorer, logits_fn, budget):
-    """The stream in TTT_SGD_CHUNK chunks: each chunk's sliding windows are scored first, then the model trains on
-    that chunk (TTT_SGD_EPOCHS steps, LR cosine over chunks) if the budget allows; the last chunk is never trained on."""
-    h, n, K, W = run.h, scorer.n, run.h.ttt_sgd_chunk, run.world_size
-    starts = window_starts(n, h.eval_seq_len, h.eval_stride)
-    first = torch.where(starts == 0, 0, starts + h.eval_seq_len - h.eval_stride)  # each window's first scored target
-    chunks = (n + K - 1) // K
-    windows_after = (len(starts) - torch.bincount(first // K, minlength=chunks).cumsum(0)).tolist()  # windows of later chunks
-    opt = torch.optim.SGD(model.parameters(), lr=h.ttt_sgd_lr, momentum=h.ttt_sgd_momentum)
-    progress = Progress(run.log, "ttt_sgd", chunks, "chunks", lambda: budget.outlook)
-    stats = {"batches": chunks - 1, "adapted_batches": 0, "stops": 0}
-    train = Work(sgd_token=K / W * h.ttt_sgd_epochs)
-    for c in range(chunks):
-        mine = rank_slice(starts[(first // K) == c], run.rank, W)
-        budget.timed(Work(window_pass=len(mine) * h.eval_seq_len),
-                     lambda: score_windows(logits_fn, scorer, mine, h.eval_seq_len, h.eval_stride, h.eval_batch_seqs))
-        rest = Work(window_pass=windows_after[c] / W * h.eval_seq_len)
-        budget.note(rest + Work(sgd_token=train["sgd_token"] * max(chunks - 1 - c, 0)), rest)
-        if c < chunks - 1 and run.all_agree(budget.fits(train, rest)):
-            lr = cosine(h.ttt_sgd_lr, c, chunks)
-            budget.timed(train, lambda: sgd_on_tokens(run, model, train_fn, opt, scorer.tokens[c * K:(c + 1) * K + 1], lr, h.ttt_sgd_epochs))
-            stats["adapted_batches"] += 1
-        elif c < chunks - 1:
-            if not stats["stops"]:
-                run.log(f"ttt: budget: projected eval clock {budget.projected(train):.0f}s > TTT_BUDGET_SECONDS "
-                        f"{h.ttt_budget_seconds:.0f}s at chunk {c + 1}/{chunks}; scoring without updates while adapting does not fit")
-            stats["stops"] += 1
-        progress.step()
-    return stats
 
 class LoRA(nn.Module):
     """Per-document low-rank adapters: for each row of a batch (one document), a pair (A, B) per target (q, k, v, o,
@@ -2158,49 +2116,41 @@ def export(run, trained, hessians):
     return artifact
 
 def compile_ttt(run, model):
-    """(train_fn, lora_fn, lora): the model's loss (only where TTT=sgd or phases train the model) and its adapted
-    logits (TTT=lora; dynamic shapes), compiled and warmed up on random tokens inside the eval clock, each graph once
-    as TTT runs it (lora_fn with gradients on and the model frozen, rows and width apart and above 1); plain if
-    COMPILE is off or a graph fails to compile (logged). Nothing is stepped."""
-    h, dev = run.h, run.device
-    lora = LoRA(model, h).to(dev) if h.ttt == "lora" else None
-    needs_train = h.ttt == "sgd" or (h.ttt == "lora" and bool(h.phase_counts))
-    if not run.compile:
-        return model if needs_train else None, model.forward_logits, lora
-    train_fn = torch.compile(model, dynamic=False, fullgraph=True) if needs_train else None
-    lora_fn = torch.compile(model.forward_logits, dynamic=True, fullgraph=True) if lora is not None else None
-    try:
-        with run.autocast:
-            if train_fn is not None:
-                x, y = torch.randint(0, h.vocab_size, (2, 1, h.eval_seq_len), device=dev)
-                train_fn(x, y, model.starts_of(x)).backward()
-            if lora_fn is not None:
+    """(train_fn, lora_fn, lora): the adapted logits (dynamic shapes) and, where phases train the model, its loss;
+    compiled and warmed up on random tokens inside the eval clock, each graph once as TTT runs it (lora_fn with
+    gradients on and the model frozen; rows and width apart and above 1, so no size is specialised); plain if
+    COMPILE is off or a compile fails (logged). Nothing is stepped."""
+    h, dev, phases = run.h, run.device, bool(run.h.phase_counts)
+    lora, train_fn, lora_fn = LoRA(model, h).to(dev), model if phases else None, model.forward_logits
+    if run.compile:
+        try:
+            lora_fn = torch.compile(model.forward_logits, dynamic=True, fullgraph=True)
+            train_fn = torch.compile(model, dynamic=False, fullgraph=True) if phases else None
+            with run.autocast:
+                if train_fn is not None:
+                    x, y = torch.randint(0, h.vocab_size, (2, 1, h.eval_seq_len), device=dev)
+                    train_fn(x, y, model.starts_of(x)).backward()
                 model.requires_grad_(False)
                 rows = lora.head_A.size(0)
-                width = h.eval_seq_len - 1 if h.eval_seq_len - 1 != rows else h.eval_seq_len - 2
-                lora_fn(torch.randint(0, h.vocab_size, (rows, max(width, 3)), device=dev), lora).float().sum().backward()
-    except Exception as error:  # noqa: BLE001  TTT still runs, uncompiled
-        run.log(f"ttt: compile failed ({type(error).__name__}: {str(error)[:200]}); running TTT uncompiled")
-        train_fn, lora_fn = model if needs_train else None, model.forward_logits
+                width = max(h.eval_seq_len - 1 if h.eval_seq_len - 1 != rows else h.eval_seq_len - 2, 3)
+                lora_fn(torch.randint(0, h.vocab_size, (rows, width), device=dev), lora).float().sum().backward()
+        except Exception as error:  # noqa: BLE001  TTT still runs, uncompiled
+            run.log(f"ttt: compile failed ({type(error).__name__}: {str(error)[:200]}); running TTT uncompiled")
+            train_fn, lora_fn = model if phases else None, model.forward_logits
     model.requires_grad_(True)
     model.zero_grad(set_to_none=True)
-    if lora is not None:
-        lora.zero_grad(set_to_none=True)
+    lora.zero_grad(set_to_none=True)
     return train_fn, lora_fn, lora
 
 def final_pass(run, model, scorer, logits_fn, ttt_fns, t_eval):
-    """The scored pass: sliding windows, or score-first TTT within TTT_BUDGET_SECONDS of the eval clock."""
+    """The scored pass: sliding windows, or score-first LoRA TTT within TTT_BUDGET_SECONDS of the eval clock."""
     h = run.h
     if h.ttt == "off":
         return evaluate(logits_fn, None, None, h.eval_seq_len, h.eval_stride, h.eval_batch_seqs, run.rank, run.world_size,
                         run.log, "final_int6_sliding_window", scorer)
-    train_fn, lora_fn, lora = ttt_fns
-    budget = TTTBudget(h.ttt_budget_seconds, t_eval, sync=run.sync)
-    s = (ttt_sgd(run, model, train_fn, scorer, logits_fn, budget) if h.ttt == "sgd"
-         else ttt_lora(run, model, lora_fn, train_fn, lora, scorer, budget))
-    share = f" ({100 * s['adapted_targets'] / max(s['targets'], 1):.1f}% of its targets)" if "targets" in s else ""
-    run.log(f"ttt: {h.ttt}: rank {run.rank} adapted {s['adapted_batches']}/{s['batches']} {'batches' if h.ttt == 'lora' else 'chunks'}"
-            f"{share}" + (f", {s['phases']} phase(s)" if "phases" in s else "") + "; "
+    s = ttt_lora(run, model, ttt_fns[1], ttt_fns[0], ttt_fns[2], scorer, TTTBudget(h.ttt_budget_seconds, t_eval, sync=run.sync))
+    run.log(f"ttt: lora: rank {run.rank} adapted {s['adapted_batches']}/{s['batches']} batches "
+            f"({100 * s['adapted_targets'] / max(s['targets'], 1):.1f}% of its targets), {s['phases']} phase(s); "
             + ("adapted throughout" if not s["stops"] else f"{s['stops']} scored without updates (budget)") + f"; {scorer.batches} scoring batches")
     return scorer.result(run.world_size)
 
