@@ -165,7 +165,7 @@ HYPERPARAMETERS = [
 # The recommended 8192-vocabulary stack: no BigramHash or value embeddings (their gains were at 1024 pieces), an
 # int7 GPTQ'd embedding, the records' three TTT phases; the rest as the SP1024 stack. CaseOps (the records since
 # 04-18): that stack on case-transformed text (tools/caseops_data.py; val_bpb charged to the original bytes by the
-# byte sidecar beside the val shards), Muon's WD tapered to half over the last 30 % of training.
+# byte sidecar beside the val shards), Muon's WD tapered to half over the last 30 % of training, LQER where it pays.
 STACKS = {
     "sp1024": {},
     "sp8192": {"DATA_PATH": "./data/datasets/fineweb10B_sp8192", "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe.model",
@@ -174,7 +174,7 @@ STACKS = {
 }
 STACKS["caseops"] = {**STACKS["sp8192"], "DATA_PATH": "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
                      "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
-                     "WD_TAPER_START_FRAC": "0.7", "WD_TAPER_FINAL_MULT": "0.5"}
+                     "WD_TAPER_START_FRAC": "0.7", "WD_TAPER_FINAL_MULT": "0.5", "LQER_TOP_K": "3"}
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 class ConfigError(ValueError):

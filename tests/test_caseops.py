@@ -174,7 +174,7 @@ def test_wd_taper_and_caseops_stack():
         train_gpt.Hyperparameters({"WD_TAPER_START_FRAC": "1.5"})
     sp8192, caseops = (train_gpt.Hyperparameters({"STACK": s}) for s in ("sp8192", "caseops"))
     differ = {n for n, *_ in train_gpt.HYPERPARAMETERS if getattr(sp8192, n.lower()) != getattr(caseops, n.lower())}
-    assert {"DATA_PATH", "TOKENIZER_PATH"} <= differ <= {"STACK", "RUN_ID", "DATA_PATH", "TOKENIZER_PATH", "WD_TAPER_START_FRAC", "WD_TAPER_FINAL_MULT"}
+    assert {"DATA_PATH", "TOKENIZER_PATH"} <= differ <= {"STACK", "RUN_ID", "DATA_PATH", "TOKENIZER_PATH", "WD_TAPER_START_FRAC", "WD_TAPER_FINAL_MULT", "LQER_TOP_K"}
     assert "caseops" in caseops.data_path and "caseops" in caseops.tokenizer_path and caseops.vocab_size == 8192
 
 

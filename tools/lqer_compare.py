@@ -4,8 +4,8 @@ non-overlapping.
     source logs/caseops/proxy_env.sh; env $CASEOPS SEED=1 RUN_ID=lqer_alloc_s1 python3 tools/lqer_compare.py
 
 Trains once with train_gpt's own phases, exports the weights at their natural size (default grids, no LQER), then
-under a cap at that size and one 5 % above it, each with BUDGET_FILL=1 and LQER_TOP_K=0 or the given LQER_TOP_K
-(3 when unset), and evaluates each artifact. Prints `L_RESULT` lines (cap, bytes, LQER tensors, roundtrip val_bpb, gap).
+under a cap at that size (the allocation redistributing the same bytes) and one 5 % above it, each with
+BUDGET_FILL=1 and LQER_TOP_K=0 or the given LQER_TOP_K (3 when unset), and evaluates each artifact. Prints `L_RESULT` lines (cap, bytes, LQER tensors, roundtrip val_bpb, gap).
 """
 import os
 import sys
@@ -34,8 +34,8 @@ def main():
         return total
 
     natural = report(10**12, False, 0)
-    for cap in (natural + train_gpt.TARGET_SLACK, int(1.05 * natural)):
-        for k in (0, top_k) if cap != natural + train_gpt.TARGET_SLACK else (top_k,):
+    for cap in (natural + train_gpt.TARGET_SLACK + 1, int(1.05 * natural)):  # +1: the allocation runs without LQER too
+        for k in (0, top_k):
             report(cap, True, k)
     print(f"pre-quant val_bpb {pre['val_bpb']:.6f}; natural total {natural} bytes")
 
