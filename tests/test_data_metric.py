@@ -678,29 +678,56 @@ def test_evaluate_detects_miscount(monkeypatch):
 # 6. settings
 
 
-def _numeric_cases():
-    cases = []
-    for name, kind, default, lower, _ in train_gpt.HYPERPARAMETERS:
-        if kind is int:
-            cases += [(name, "abc"), (name, "1.5"), (name, ""), (name, "1e3")]
-            if lower is not None:
-                cases.append((name, str(lower - 1)))
-        elif kind is float:
-            cases += [(name, "abc"), (name, "nan"), (name, "inf"), (name, "-inf"), (name, "")]
-            if lower is not None:
-                cases.append((name, repr(lower - 0.5)))
-        elif kind in (bool, "auto_bool"):
-            cases += [(name, "maybe"), (name, "2"), (name, "")]
-        elif isinstance(kind, tuple):
-            cases += [(name, "gelu"), (name, kind[0].upper() + "x")]
-    return cases
+# One case per branch of parse_setting, each with its whole message (the 469 per-setting cases these replace
+# exercised the same eight branches; test_every_setting_rejects_a_value_of_the_wrong_kind keeps the per-setting sweep).
+BAD_VALUES = [  # (name, raw, the exact message)
+    ("SEED", "1.5", "SEED must be an integer; got '1.5'"),  # int: not an integer
+    ("SEED", "", "SEED must be an integer; got ''"),  # int: empty
+    ("ZSTD_LEVEL", "1e3", "ZSTD_LEVEL must be an integer; got '1e3'"),  # int: no float spelling
+    ("ITERATIONS", "0", "ITERATIONS must be a finite number >= 1; got '0'"),  # int: the lower bound
+    ("XSA_LAST_N", "-2", "XSA_LAST_N must be a finite number >= -1; got '-2'"),  # int: a negative lower bound
+    ("MATRIX_LR", "abc", "MATRIX_LR must be a number; got 'abc'"),  # float: not a number
+    ("MATRIX_LR", "nan", "MATRIX_LR must be a finite number >= 0; got 'nan'"),  # float: non-finite
+    ("MATRIX_LR", "inf", "MATRIX_LR must be a finite number >= 0; got 'inf'"),
+    ("ROPE_BASE", "-inf", "ROPE_BASE must be a finite number >= 1; got '-inf'"),
+    ("MLP_MULT", "0.005", "MLP_MULT must be a finite number >= 0.01; got '0.005'"),  # float: the lower bound
+    ("LN_SCALE", "maybe", "LN_SCALE must be a boolean (1/0, true/false, yes/no, on/off); got 'maybe'"),  # bool
+    ("LN_SCALE", "2", "LN_SCALE must be a boolean (1/0, true/false, yes/no, on/off); got '2'"),
+    ("COMPILE", "", "COMPILE must be a boolean (1/0, true/false, yes/no, on/off, auto); got ''"),  # auto_bool
+    ("MLP_ACT", "gelu", "MLP_ACT must be one of leaky_relu2, relu2; got 'gelu'"),  # tuple of words
+    ("AVERAGING", "EMA", "AVERAGING must be one of ema, swa, none; got 'EMA'"),  # words are case-sensitive
+]
 
 
-@pytest.mark.parametrize("name,raw", _numeric_cases())
-def test_bad_values_name_the_variable(name, raw):
+@pytest.mark.parametrize("name,raw,message", BAD_VALUES, ids=[f"{n}={r!r}" for n, r, _ in BAD_VALUES])
+def test_bad_values_name_the_variable(name, raw, message):
     with pytest.raises(ConfigError) as info:
         make_h(**{name: raw})
-    assert str(info.value).startswith(name + " "), str(info.value)
+    assert str(info.value) == message
+
+
+def test_str_settings_take_any_text_as_given():
+    h = make_h(RUN_NAME=" 11L int6: test ", AUTHOR="", DATA_PATH="1.5")
+    assert (h.run_name, h.author, h.data_path) == (" 11L int6: test ", "", "1.5")
+
+
+def test_every_setting_rejects_a_value_of_the_wrong_kind():
+    """One loop over HYPERPARAMETERS (not one test item per setting): each non-text setting refuses a value of the
+    wrong kind with a message that starts with its name."""
+    wrong = {int: "1.5", float: "abc", bool: "maybe", "auto_bool": "maybe"}
+    checked = 0
+    for name, kind, _, lower, _ in train_gpt.HYPERPARAMETERS:
+        if kind is str:
+            continue
+        raws = [kind[0].upper() + "x"] if isinstance(kind, tuple) else [wrong[kind]]
+        if kind in (int, float) and lower is not None:
+            raws.append(str(lower - 1))
+        for raw in raws:
+            with pytest.raises(ConfigError) as info:
+                make_h(**{name: raw})
+            assert str(info.value).startswith(name + " must be "), (name, raw, str(info.value))
+            checked += 1
+    assert checked > 100
 
 
 def test_lower_bounds_are_inclusive():
@@ -792,8 +819,16 @@ INVALID = [  # (overrides, words the message must contain)
     (dict(MODEL_DIM=8, NUM_HEADS=2, NUM_KV_HEADS=1, ROPE_DIMS=4), ["SMEAR_GATE", "MODEL_DIM"]),
     (dict(GPTQ_RESERVE_SECONDS=600, MAX_WALLCLOCK_SECONDS=600), ["GPTQ_RESERVE_SECONDS", "MAX_WALLCLOCK_SECONDS"]),
     (dict(GPTQ_RESERVE_SECONDS=10, MAX_WALLCLOCK_SECONDS=5), ["GPTQ_RESERVE_SECONDS", "MAX_WALLCLOCK_SECONDS"]),
-] + [(dict([(n, "1.01")]), [n]) for n in ("WARMDOWN_FRAC", "MIN_LR", "EMA_DECAY", "SWA_START_LR_SCALE",
-                                           "QAT_START_LR_SCALE", "BETA1", "BETA2")]
+    (dict(TTT_PHASES="8,4"), ["TTT_PHASES", "increasing"]),
+    (dict(TTT_PHASES="0,8"), ["TTT_PHASES", "increasing"]),
+    (dict(TTT_PHASES="8,x"), ["TTT_PHASES", "increasing"]),
+    (dict(TTT="sgd", TTT_SGD_CHUNK=100), ["TTT_SGD_CHUNK", "EVAL_SEQ_LEN"]),
+    (dict(TTT="lora", TTT_PHASES="8", TTT_SGD_CHUNK=100), ["TTT_SGD_CHUNK", "EVAL_SEQ_LEN"]),
+    (dict(EVAL_ARTIFACT="/no/such/artifact.ptz"), ["EVAL_ARTIFACT", "/no/such/artifact.ptz", "not a file"]),
+    (dict(QAT="late", EXPORT_CLIP="search"), ["QAT", "EXPORT_CLIP=sdclip"]),
+] + [(dict([(n, "1.01")]), [n, "[0, 1]"]) for n in ("WARMDOWN_FRAC", "MIN_LR", "SWA_START_LR_SCALE", "QAT_START_LR_SCALE",
+                                                     "LOOP_START_FRAC", "WD_TAPER_START_FRAC")] + \
+    [(dict([(n, "1.01")]), [n, "[0, 1)"]) for n in ("EMA_DECAY", "BETA1", "BETA2")]
 
 
 @pytest.mark.parametrize("overrides,words", INVALID, ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None)
