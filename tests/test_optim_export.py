@@ -235,6 +235,7 @@ def run_two_workers(worker, tmp_path, timeout=240):
             pytest.fail(f"{worker.__name__} did not finish in {timeout} s")
 
 
+@pytest.mark.slow
 def test_distributed_muon_matches_single_process(tmp_path):
     run_two_workers(_muon_worker, tmp_path)
 
@@ -801,6 +802,7 @@ def _export_worker(rank, world_size, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_export_equals_single_process(tmp_path):
     """Two ranks each quantize and compress their share; both end with the artifact one process makes alone."""
     run_two_workers(_export_worker, tmp_path)
@@ -837,6 +839,7 @@ def _is_compiler_problem(error):
                                    "No such file or directory: 'g++'", "No working C compiler"))
 
 
+@pytest.mark.slow
 def test_late_qat_under_torch_compile():
     import torch._dynamo
 
@@ -941,6 +944,7 @@ def disjoint_dataset(tmp_path_factory, smoke_dataset):
     return out, smoke_dataset[1]
 
 
+@pytest.mark.slow
 def test_gptq_calibration_reads_training_tokens_only(disjoint_dataset, tmp_path, monkeypatch):
     env = tiny_run_env(disjoint_dataset, GPTQ="1", ITERATIONS="3", WARMUP_STEPS="0", MAX_WALLCLOCK_SECONDS="0",
                        COMPILE="0", GPTQ_CALIB_BATCHES="3", RUN_ID="calib", OUTPUT_DIR=str(tmp_path),
@@ -977,6 +981,7 @@ def _last(pattern, text):
     return found[-1]
 
 
+@pytest.mark.slow
 def test_run_byte_accounting_and_submission(disjoint_dataset, tmp_path):
     code = ROOT / "train_gpt.py"
     size_before = os.path.getsize(code)

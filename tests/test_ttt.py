@@ -87,6 +87,7 @@ def evals(tmp_path_factory, two_datasets, random_artifact):
 
 @pytest.mark.parametrize("mode,extra", [(m, {}) for m in MODES] + [("lora", dict(TTT_PHASES="8,24"))],
                          ids=MODES + ["lora_phases"])
+@pytest.mark.slow
 def test_changing_a_document_changes_no_score_recorded_before_it(two_datasets, evals, mode, extra):
     (a, b, p) = two_datasets
     dump_a, log_a, out_a = evals("a", mode, **extra)
@@ -114,6 +115,7 @@ def test_changing_a_document_changes_no_score_recorded_before_it(two_datasets, e
     assert loss == pytest.approx(dump_a["nll"].mean(), rel=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sgd", "lora"])
 def test_tiny_budget_stops_adaptation_but_scores_everything(evals, mode):
     full, _, _ = evals("a", mode)
@@ -123,6 +125,7 @@ def test_tiny_budget_stops_adaptation_but_scores_everything(evals, mode):
     assert len(cut["nll"]) == len(full["nll"]) and not np.array_equal(cut["nll"], full["nll"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,extra", [("sgd", {}), ("lora", dict(TTT_PHASES="8,24"))], ids=["sgd", "lora_phases"])
 def test_two_ranks_score_what_one_does(evals, mode, extra):
     """Warm-A lanes and phases included: the plan does not depend on the world size."""
@@ -174,6 +177,7 @@ sys.exit(code)
 """.replace("COST", repr(COMPILE_COST_S)).replace("ROOT", repr(str(ROOT)))
 
 
+@pytest.mark.slow
 def test_eval_clock_contains_the_compile_warm_up(two_datasets, random_artifact, tmp_path):
     """The eval clock (artifact open to last score) holds every compile warm-up, and the warm-ups run before the
     passes (no pass pays a compile). Each compile is simulated as 1000 s on train_gpt's clock, so a warm-up
