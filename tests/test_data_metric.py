@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -935,11 +936,51 @@ def _clean_env(extra):
 
 
 def _single_error_line(proc):
-    lines = proc.stderr.strip().splitlines()
+    return _single_error_line_of(proc.stderr)
+
+
+def _single_error_line_of(stderr):
+    lines = stderr.strip().splitlines()
     errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines == errors, proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert len(errors) == 1 and lines == errors, stderr
+    assert "Traceback" not in stderr
     return errors[0]
+
+
+def _cli_in_process(monkeypatch, capsys, folder, settings):
+    """train_gpt.cli() in this process with exactly `settings` as its environment's settings, from `folder`:
+    (exit code, stderr). The fast relative of the subprocess runs below (which also cover the interpreter exit)."""
+    for name, *_ in train_gpt.HYPERPARAMETERS:
+        monkeypatch.delenv(name, raising=False)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in settings.items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.chdir(folder)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = train_gpt.cli()
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return code, capsys.readouterr().err
+
+
+def test_cli_config_error_returns_2_in_process(tmp_path, monkeypatch, capsys):
+    code, err = _cli_in_process(monkeypatch, capsys, tmp_path, dict(TINY, NUM_HEADS=3, MODEL_DIM=64,
+                                                                    LOG_DIR=tmp_path / "logs", OUTPUT_DIR=tmp_path))
+    assert code == 2 and "NUM_HEADS" in _single_error_line_of(err)
+    assert not (tmp_path / "logs").exists()
+
+
+def test_cli_missing_data_returns_2_with_hint_in_process(tmp_path, monkeypatch, capsys, smoke_dataset):
+    code, err = _cli_in_process(monkeypatch, capsys, tmp_path, dict(
+        TINY, DATA_PATH=tmp_path / "no_such_data", TOKENIZER_PATH=smoke_dataset[1], LOG_DIR=tmp_path / "logs",
+        OUTPUT_DIR=tmp_path, RUN_ID="t", COMPILE=0))
+    line = _single_error_line_of(err)
+    assert code == 2 and str(tmp_path / "no_such_data") in line and "cached_challenge_fineweb.py" in line and "smoke" in line
+    assert not (tmp_path / "final_model.int6.ptz").exists()
+    assert (tmp_path / "logs" / "t.txt").read_text().strip().splitlines()[-1] == line  # the error reaches the log
 
 
 IMPORT_PROBE = r"""
@@ -997,6 +1038,7 @@ def subprocess_runs(tmp_path_factory, smoke_dataset):
     return results
 
 
+@pytest.mark.slow
 def test_cli_config_error_exits_2(subprocess_runs):
     proc, folder = subprocess_runs["heads"]
     assert proc.returncode == 2, proc.stderr
@@ -1004,6 +1046,7 @@ def test_cli_config_error_exits_2(subprocess_runs):
     assert not (folder / "logs").exists()
 
 
+@pytest.mark.slow
 def test_cli_missing_data_exits_2_with_hint(subprocess_runs):
     proc, folder = subprocess_runs["data"]
     assert proc.returncode == 2, proc.stderr
@@ -1016,6 +1059,7 @@ def test_cli_missing_data_exits_2_with_hint(subprocess_runs):
 # 7. import has no side effects
 
 
+@pytest.mark.slow
 def test_import_has_no_side_effects(subprocess_runs):
     proc, folder = subprocess_runs["import"]
     assert proc.returncode == 0, proc.stderr

@@ -210,8 +210,25 @@ def test_configure_attention(fa3, monkeypatch):
         train_gpt.configure_attention(FakeRun(FA3="force"))
 
 
+@pytest.fixture(scope="module")
+def short_val_dataset(tmp_path_factory, smoke_dataset):
+    """The smoke data with its validation stream cut to the first 24 whole documents (the runs below score them
+    with LoRA TTT twice; the whole stream holds 75)."""
+    import shutil
+
+    import numpy as np
+    import smoke_data
+
+    out = tmp_path_factory.mktemp("short_val") / "data"
+    shutil.copytree(smoke_dataset[0], out)
+    val = train_gpt.read_shard(out / "fineweb_val_000000.bin").astype(np.int64)
+    bos = np.flatnonzero(val == train_gpt.BOS_ID)
+    smoke_data.write_shard(out / "fineweb_val_000000.bin", val[:bos[24]])
+    return out, smoke_dataset[1]
+
+
 @pytest.mark.slow
-def test_tiny_run_with_fa3_standin_matches_sdpa(smoke_dataset, tmp_path):
+def test_tiny_run_with_fa3_standin_matches_sdpa(short_val_dataset, tmp_path):
     """The issue's 'done when': with FA3=force and the stand-in first on PYTHONPATH a tiny bf16 run with document
     isolation trains and evaluates (LoRA TTT) through FA3's varlen calls (and the dense calls of TTT's one-document
     rows) and scores within 0.02 of the same run with FA3=0."""
@@ -220,7 +237,7 @@ def test_tiny_run_with_fa3_standin_matches_sdpa(smoke_dataset, tmp_path):
     scores = {}
     for fa3_mode in ("force", "0"):
         counts = tmp_path / f"calls_{fa3_mode}.json"
-        env = tiny_run_env(smoke_dataset, FA3=fa3_mode, BF16="1", DOC_ISOLATION="1", TTT="lora", TTT_BATCH_DOCS="32",
+        env = tiny_run_env(short_val_dataset, FA3=fa3_mode, BF16="1", DOC_ISOLATION="1", TTT="lora", TTT_BATCH_DOCS="32",
                            TTT_CHUNK="64", ITERATIONS="4", RUN_ID=f"fa3_{fa3_mode}", FA3_STANDIN_COUNTS=str(counts),
                            PYTHONPATH=os.pathsep.join([str(STANDIN), os.environ.get("PYTHONPATH", "")]))
         proc, log = run_train(env, tmp_path / fa3_mode)

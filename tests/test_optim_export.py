@@ -705,6 +705,12 @@ def export_state():
     return _randomize(train_gpt.build_model(make_h(MODEL_DIM=128, MLP_MULT=3, NUM_LAYERS=3, XSA_LAST_N=3)), std=0.05).state_dict()
 
 
+@pytest.fixture(scope="module")
+def natural_export(export_state):
+    """_export(export_state, BUDGET_FILL=0): the default grids, no cap pressure; computed once for the tests below."""
+    return _export(export_state, BUDGET_FILL=0)
+
+
 def test_grid_ladder_steps_by_quarter_bits():
     for bits, k in ((6, 13.0), (5, 12.0), (8, 20.0)):
         ladder = train_gpt.grid_ladder(bits, k)
@@ -732,8 +738,8 @@ def test_error_weights_put_a_lookup_table_in_the_unit_of_a_linear_layer():
                                                {"blocks.0.mlp.fc.weight": hessian}), torch.arange(1.0, dim + 1))
 
 
-def test_export_without_budget_fill_keeps_the_default_grids(export_state):
-    blob, qstate, report, fits = _export(export_state, BUDGET_FILL=0)
+def test_export_without_budget_fill_keeps_the_default_grids(export_state, natural_export):
+    blob, qstate, report, fits = natural_export
     assert not fits and report["regridded"] == 0
     q = rtn_qstate(export_state, make_h())
     for name, e in q.items():
@@ -741,8 +747,8 @@ def test_export_without_budget_fill_keeps_the_default_grids(export_state):
     assert train_gpt.deserialize_quantized(blob).keys() == q.keys()
 
 
-def test_export_fits_a_small_cap_by_coarsening(export_state):
-    natural = len(_export(export_state, BUDGET_FILL=0)[0]) + 5000
+def test_export_fits_a_small_cap_by_coarsening(export_state, natural_export):
+    natural = len(natural_export[0]) + 5000
     cap = int(0.8 * natural)
     blob, qstate, report, fits = _export(export_state, ARTIFACT_CAP_BYTES=cap)
     assert len(blob) + 5000 <= cap and fits and report["regridded"] > 0
@@ -754,8 +760,8 @@ def test_export_fits_a_small_cap_by_coarsening(export_state):
 
 
 @pytest.mark.parametrize("fill", [1, 0])
-def test_export_below_cap_fills_the_window_or_stays(export_state, fill):
-    natural_blob, natural_q, _, _ = _export(export_state, BUDGET_FILL=0)
+def test_export_below_cap_fills_the_window_or_stays(export_state, natural_export, fill):
+    natural_blob, natural_q, _, _ = natural_export
     cap = len(natural_blob) + 5000 + 120_000
     blob, qstate, report, fits = _export(export_state, ARTIFACT_CAP_BYTES=cap, BUDGET_FILL=fill)
     total = len(blob) + 5000
