@@ -194,6 +194,7 @@ def test_every_sdpa_call_has_a_cuda_kernel(monkeypatch, doc_isolation):
     assert any(mask for mask, _, _ in calls) == bool(doc_isolation)
 
 
+@pytest.mark.slow  # traces under fullgraph compile; the stand-in runs below also log the kernel it picks
 def test_configure_attention(fa3, monkeypatch):
     """FA3=force probes (traces forward and backward under fullgraph compile) the stand-in on the CPU; without the
     module it is an error; FA3=1 on the CPU is SDPA."""

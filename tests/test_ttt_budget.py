@@ -71,7 +71,7 @@ def budget_allowing(lengths, h, world, pre, share, costs):
     return pre + worst
 
 
-@pytest.mark.parametrize("share", [0.3, 0.6, 0.9])
+@pytest.mark.parametrize("share", [0.3, pytest.param(0.6, marks=pytest.mark.slow), 0.9])  # 0.6: between the two
 @pytest.mark.parametrize("costs", [None, SKEWED], ids=["prior", "skewed"])
 def test_a_budget_that_allows_x_percent_adapts_at_least_x_minus_5_and_ends_within_it(lengths, share, costs):
     h = lora_h()
