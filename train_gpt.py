@@ -2120,8 +2120,8 @@ def compile_ttt(run, model):
     lora, train_fn, lora_fn = LoRA(model, h).to(dev), model if phases else None, model.forward_logits
     if run.compile:
         try:
-            lora_fn = torch.compile(model.forward_logits, dynamic=True, fullgraph=True)
             train_fn = torch.compile(model, dynamic=False, fullgraph=True) if phases else None
+            lora_fn = torch.compile(model.forward_logits, dynamic=True, fullgraph=True)
             with run.autocast:
                 if train_fn is not None:
                     x, y = torch.randint(0, h.vocab_size, (2, 1, h.eval_seq_len), device=dev)

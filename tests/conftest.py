@@ -55,16 +55,20 @@ def smoke_tokenizer(smoke_dataset):
     return train_gpt.load_tokenizer(str(smoke_dataset[1]))
 
 
-def run_train(env, out_dir, nproc=1, timeout=600):
+def run_train(env, out_dir, nproc=1, timeout=600, script=None):
     """Run train_gpt.py (python, or torchrun --nproc_per_node=nproc) with `env` on top of the current
-    environment; returns (completed process, log text). Logs and artifacts go to out_dir."""
+    environment; returns (completed process, log text). Logs and artifacts go to out_dir. `script`: a python
+    file to run instead of train_gpt.py (one process), e.g. one that patches train_gpt before its cli()."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     full = dict(os.environ)
     full.update({k: str(v) for k, v in env.items()})
     full.setdefault("RUN_ID", "test")
     full.update(LOG_DIR=str(out_dir / "logs"), OUTPUT_DIR=str(out_dir), OMP_NUM_THREADS="1")
-    if nproc == 1:
+    if script is not None:
+        assert nproc == 1
+        cmd = [sys.executable, str(script)]
+    elif nproc == 1:
         cmd = [sys.executable, str(ROOT / "train_gpt.py")]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(ROOT / "train_gpt.py")]

@@ -109,6 +109,7 @@ def final_line(log, tag="final_int6_sliding_window"):
     return float(loss), float(bpb), int(targets), int(nbytes)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (DOCS_TINY.exists() and DOCS_TOKENIZER.exists()), reason="../shared/data/docs_sp1024_tiny is absent")
 def test_eval_artifact_charged_from_a_sidecar(tmp_path):
     """The issue's check on docs tiny (its val cut to 4,097 tokens to stay fast): a sidecar of twice the piece-table

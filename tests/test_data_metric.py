@@ -4,6 +4,7 @@ import io
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -617,29 +618,56 @@ def test_evaluate_detects_miscount(monkeypatch):
 # 6. settings
 
 
-def _numeric_cases():
-    cases = []
-    for name, kind, default, lower, _ in train_gpt.HYPERPARAMETERS:
-        if kind is int:
-            cases += [(name, "abc"), (name, "1.5"), (name, ""), (name, "1e3")]
-            if lower is not None:
-                cases.append((name, str(lower - 1)))
-        elif kind is float:
-            cases += [(name, "abc"), (name, "nan"), (name, "inf"), (name, "-inf"), (name, "")]
-            if lower is not None:
-                cases.append((name, repr(lower - 0.5)))
-        elif kind in (bool, "auto_bool"):
-            cases += [(name, "maybe"), (name, "2"), (name, "")]
-        elif isinstance(kind, tuple):
-            cases += [(name, "gelu"), (name, kind[0].upper() + "x")]
-    return cases
+# One case per branch of parse_setting, each with its whole message (the 469 per-setting cases these replace
+# exercised the same eight branches; test_every_setting_rejects_a_value_of_the_wrong_kind keeps the per-setting sweep).
+BAD_VALUES = [  # (name, raw, the exact message)
+    ("SEED", "1.5", "SEED must be an integer; got '1.5'"),  # int: not an integer
+    ("SEED", "", "SEED must be an integer; got ''"),  # int: empty
+    ("ZSTD_LEVEL", "1e3", "ZSTD_LEVEL must be an integer; got '1e3'"),  # int: no float spelling
+    ("ITERATIONS", "0", "ITERATIONS must be a finite number >= 1; got '0'"),  # int: the lower bound
+    ("XSA_LAST_N", "-2", "XSA_LAST_N must be a finite number >= -1; got '-2'"),  # int: a negative lower bound
+    ("MATRIX_LR", "abc", "MATRIX_LR must be a number; got 'abc'"),  # float: not a number
+    ("MATRIX_LR", "nan", "MATRIX_LR must be a finite number >= 0; got 'nan'"),  # float: non-finite
+    ("MATRIX_LR", "inf", "MATRIX_LR must be a finite number >= 0; got 'inf'"),
+    ("ROPE_BASE", "-inf", "ROPE_BASE must be a finite number >= 1; got '-inf'"),
+    ("MLP_MULT", "0.005", "MLP_MULT must be a finite number >= 0.01; got '0.005'"),  # float: the lower bound
+    ("LN_SCALE", "maybe", "LN_SCALE must be a boolean (1/0, true/false, yes/no, on/off); got 'maybe'"),  # bool
+    ("LN_SCALE", "2", "LN_SCALE must be a boolean (1/0, true/false, yes/no, on/off); got '2'"),
+    ("COMPILE", "", "COMPILE must be a boolean (1/0, true/false, yes/no, on/off, auto); got ''"),  # auto_bool
+    ("MLP_ACT", "gelu", "MLP_ACT must be one of leaky_relu2, relu2; got 'gelu'"),  # tuple of words
+    ("AVERAGING", "EMA", "AVERAGING must be one of ema, none; got 'EMA'"),  # words are case-sensitive
+]
 
 
-@pytest.mark.parametrize("name,raw", _numeric_cases())
-def test_bad_values_name_the_variable(name, raw):
+@pytest.mark.parametrize("name,raw,message", BAD_VALUES, ids=[f"{n}={r!r}" for n, r, _ in BAD_VALUES])
+def test_bad_values_name_the_variable(name, raw, message):
     with pytest.raises(ConfigError) as info:
         make_h(**{name: raw})
-    assert str(info.value).startswith(name + " "), str(info.value)
+    assert str(info.value) == message
+
+
+def test_str_settings_take_any_text_as_given():
+    h = make_h(RUN_NAME=" 11L int6: test ", AUTHOR="", DATA_PATH="1.5")
+    assert (h.run_name, h.author, h.data_path) == (" 11L int6: test ", "", "1.5")
+
+
+def test_every_setting_rejects_a_value_of_the_wrong_kind():
+    """One loop over HYPERPARAMETERS (not one test item per setting): each non-text setting refuses a value of the
+    wrong kind with a message that starts with its name."""
+    wrong = {int: "1.5", float: "abc", bool: "maybe", "auto_bool": "maybe"}
+    checked = 0
+    for name, kind, _, lower, _ in train_gpt.HYPERPARAMETERS:
+        if kind is str:
+            continue
+        raws = [kind[0].upper() + "x"] if isinstance(kind, tuple) else [wrong[kind]]
+        if kind in (int, float) and lower is not None:
+            raws.append(str(lower - 1))
+        for raw in raws:
+            with pytest.raises(ConfigError) as info:
+                make_h(**{name: raw})
+            assert str(info.value).startswith(name + " must be "), (name, raw, str(info.value))
+            checked += 1
+    assert checked > 100
 
 
 def test_lower_bounds_are_inclusive():
@@ -657,7 +685,7 @@ def test_defaults_and_types():
         if name in ("RUN_ID", "EVAL_SEQ_LEN", "VE_LAYERS", "XSA_LAST_N") or kind == "auto_bool":
             continue
         assert value == default and type(value) is type(default), name
-    assert h.compile is None and h.byte_shuffle is None and h.xsa_last_n == h.num_layers == 11
+    assert h.compile is None and h.bf16 is None and h.xsa_last_n == h.num_layers == 11
     assert h.ve_layers == [9, 10] and h.eval_seq_len == h.train_seq_len and h.run_id
     assert train_gpt.Hyperparameters({"VE_DIM": "0"}).ve_layers == []
     assert train_gpt.Hyperparameters({"NUM_LAYERS": "1"}).ve_layers == [0]
@@ -686,8 +714,8 @@ def test_boolean_spellings(raw, value):
 
 @pytest.mark.parametrize("raw", ["auto", "AUTO", " Auto "])
 def test_auto_bool(raw):
-    h = make_h(COMPILE=raw, BYTE_SHUFFLE=raw)
-    assert h.compile is None and h.byte_shuffle is None
+    h = make_h(COMPILE=raw, BF16=raw)
+    assert h.compile is None and h.bf16 is None
     with pytest.raises(ConfigError, match="auto"):
         make_h(COMPILE="sometimes")
     with pytest.raises(ConfigError, match="LN_SCALE"):
@@ -731,8 +759,14 @@ INVALID = [  # (overrides, words the message must contain)
     (dict(MODEL_DIM=8, NUM_HEADS=2, NUM_KV_HEADS=1, ROPE_DIMS=4), ["SMEAR_GATE", "MODEL_DIM"]),
     (dict(GPTQ_RESERVE_SECONDS=600, MAX_WALLCLOCK_SECONDS=600), ["GPTQ_RESERVE_SECONDS", "MAX_WALLCLOCK_SECONDS"]),
     (dict(GPTQ_RESERVE_SECONDS=10, MAX_WALLCLOCK_SECONDS=5), ["GPTQ_RESERVE_SECONDS", "MAX_WALLCLOCK_SECONDS"]),
-] + [(dict([(n, "1.01")]), [n]) for n in ("WARMDOWN_FRAC", "MIN_LR", "EMA_DECAY", "SWA_START_LR_SCALE",
-                                           "QAT_START_LR_SCALE", "BETA1", "BETA2")]
+    (dict(TTT_PHASES="8,4"), ["TTT_PHASES", "increasing"]),
+    (dict(TTT_PHASES="0,8"), ["TTT_PHASES", "increasing"]),
+    (dict(TTT_PHASES="8,x"), ["TTT_PHASES", "comma list of document counts"]),
+    (dict(TTT="lora", TTT_PHASES="8", TTT_SGD_CHUNK=100), ["TTT_SGD_CHUNK", "EVAL_SEQ_LEN"]),
+    (dict(EVAL_ARTIFACT="/no/such/artifact.ptz"), ["EVAL_ARTIFACT", "/no/such/artifact.ptz", "not a file"]),
+    (dict(LOOP_START_FRAC=1), ["LOOP_START_FRAC", "below 1", "LOOP_LAYERS=off"]),  # the loop would never train
+] + [(dict([(n, "1.01")]), [n, "[0, 1]"]) for n in ("WARMDOWN_FRAC", "MIN_LR", "LOOP_START_FRAC", "WD_TAPER_START_FRAC")] \
+    + [(dict([(n, "1.01")]), [n, "[0, 1)"]) for n in ("EMA_DECAY", "BETA1", "BETA2")]
 
 
 @pytest.mark.parametrize("overrides,words", INVALID, ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None)
@@ -741,6 +775,11 @@ def test_invalid_combinations(overrides, words):
         make_h(**overrides)
     for word in words:
         assert word in str(info.value), (word, str(info.value))
+
+
+def test_loop_start_frac_one_is_accepted_only_without_the_loop():
+    assert make_h(LOOP_LAYERS="off", LOOP_START_FRAC=1).loop is None
+    assert make_h(LOOP_START_FRAC=0.99).loop is not None
 
 
 @pytest.mark.parametrize("overrides", [
@@ -839,11 +878,51 @@ def _clean_env(extra):
 
 
 def _single_error_line(proc):
-    lines = proc.stderr.strip().splitlines()
+    return _single_error_line_of(proc.stderr)
+
+
+def _single_error_line_of(stderr):
+    lines = stderr.strip().splitlines()
     errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines == errors, proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert len(errors) == 1 and lines == errors, stderr
+    assert "Traceback" not in stderr
     return errors[0]
+
+
+def _cli_in_process(monkeypatch, capsys, folder, settings):
+    """train_gpt.cli() in this process with exactly `settings` as its environment's settings, from `folder`:
+    (exit code, stderr). The fast relative of the subprocess runs below (which also cover the interpreter exit)."""
+    for name, *_ in train_gpt.HYPERPARAMETERS:
+        monkeypatch.delenv(name, raising=False)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in settings.items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.chdir(folder)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = train_gpt.cli()
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return code, capsys.readouterr().err
+
+
+def test_cli_config_error_returns_2_in_process(tmp_path, monkeypatch, capsys):
+    code, err = _cli_in_process(monkeypatch, capsys, tmp_path, dict(TINY, NUM_HEADS=3, MODEL_DIM=64,
+                                                                    LOG_DIR=tmp_path / "logs", OUTPUT_DIR=tmp_path))
+    assert code == 2 and "NUM_HEADS" in _single_error_line_of(err)
+    assert not (tmp_path / "logs").exists()
+
+
+def test_cli_missing_data_returns_2_with_hint_in_process(tmp_path, monkeypatch, capsys, smoke_dataset):
+    code, err = _cli_in_process(monkeypatch, capsys, tmp_path, dict(
+        TINY, DATA_PATH=tmp_path / "no_such_data", TOKENIZER_PATH=smoke_dataset[1], LOG_DIR=tmp_path / "logs",
+        OUTPUT_DIR=tmp_path, RUN_ID="t", COMPILE=0))
+    line = _single_error_line_of(err)
+    assert code == 2 and str(tmp_path / "no_such_data") in line and "cached_challenge_fineweb.py" in line and "smoke" in line
+    assert not (tmp_path / "final_model.int6.ptz").exists()
+    assert (tmp_path / "logs" / "t.txt").read_text().strip().splitlines()[-1] == line  # the error reaches the log
 
 
 IMPORT_PROBE = r"""
@@ -901,6 +980,7 @@ def subprocess_runs(tmp_path_factory, smoke_dataset):
     return results
 
 
+@pytest.mark.slow
 def test_cli_config_error_exits_2(subprocess_runs):
     proc, folder = subprocess_runs["heads"]
     assert proc.returncode == 2, proc.stderr
@@ -908,6 +988,7 @@ def test_cli_config_error_exits_2(subprocess_runs):
     assert not (folder / "logs").exists()
 
 
+@pytest.mark.slow
 def test_cli_missing_data_exits_2_with_hint(subprocess_runs):
     proc, folder = subprocess_runs["data"]
     assert proc.returncode == 2, proc.stderr
@@ -920,6 +1001,7 @@ def test_cli_missing_data_exits_2_with_hint(subprocess_runs):
 # 7. import has no side effects
 
 
+@pytest.mark.slow
 def test_import_has_no_side_effects(subprocess_runs):
     proc, folder = subprocess_runs["import"]
     assert proc.returncode == 0, proc.stderr
@@ -958,7 +1040,7 @@ def test_largest_vocabulary_reads_trains_and_exports(tmp_path):
     assert model.bigram.bucket_ids(ids).max() < h.bigram_buckets and torch.isfinite(model(ids, ids)).all()
     luts = train_gpt.build_byte_luts(_FakeSPVocab(65536))  # ids 65534 and 65535 are one-letter pieces
     assert luts[0].numel() == 65536 and train_gpt.target_bytes(luts, ids[:, :-1], ids[:, 1:]).tolist() == [[1, 1, 1, 0, 1]]
-    blob, qstate, _ = train_gpt.export_artifact(model.state_dict(), make_h(VOCAB_SIZE=65536, BUDGET_FILL=0, MODEL_DIM=32,
+    blob, qstate, _ = train_gpt.export_artifact(model.state_dict(), make_h(VOCAB_SIZE=65536, BUDGET_FILL=0, ZSTD_LEVEL=1, MODEL_DIM=32,
                                                NUM_HEADS=2, NUM_KV_HEADS=1, ROPE_DIMS=8, NUM_LAYERS=2, XSA_LAST_N=-1), 0, log=lambda m: None)
     assert train_gpt.deserialize_quantized(blob)["tok_emb.weight"]["codes"].shape == (65536, 32)
 

@@ -25,6 +25,7 @@ def final_exact(log, tag):
     return float(m[-1][0]), float(m[-1][1])
 
 
+@pytest.mark.slow
 def test_smoke_run_end_to_end(tmp_path):
     """The README's smoke command runs train -> average -> GPTQ -> zstd -> roundtrip -> the default final pass
     (score-first LoRA TTT); the console names the log first and ends with the summary; submission.json describes
@@ -60,16 +61,25 @@ def test_smoke_run_end_to_end(tmp_path):
     assert log_text.strip().splitlines()[-1] == lines[-1]
 
 
-def test_same_seed_same_numbers(smoke_dataset, tmp_path):
+@pytest.fixture(scope="module")
+def smoke_pair(smoke_dataset, tmp_path_factory):
+    """(env, [(proc, log)] * 2): two runs with one seed and the settings of the byte-count check, shared by the
+    reproducibility and final-lines tests (one run serves both)."""
+    env = tiny_run_env(smoke_dataset, ITERATIONS="8", EVAL_STRIDE="16", RUN_ID="repro")
+    return env, [run_train(env, tmp_path_factory.mktemp(f"repro_{name}")) for name in ("a", "b")]
+
+
+@pytest.mark.slow
+def test_same_seed_same_numbers(smoke_pair):
     """Step-based runs are reproducible: two runs with one seed print the same losses and scores to the last digit."""
-    env = tiny_run_env(smoke_dataset, ITERATIONS="8", RUN_ID="repro")
-    runs = [run_train(env, tmp_path / name) for name in ("a", "b")]
+    _, runs = smoke_pair
     for proc, _ in runs:
         assert proc.returncode == 0, proc.stderr[-3000:]
     numbers = [re.findall(r"(?:train_loss|val_loss|val_bpb):[0-9.]+", log) for _, log in runs]
     assert numbers[0] == numbers[1] and len(numbers[0]) > 20
 
 
+@pytest.mark.slow
 def test_two_process_gloo_matches_one_process(smoke_dataset, tmp_path):
     """torchrun with 2 ranks x 1 micro-step equals 1 rank x 2 micro-steps: same data, same updates, same score."""
     common = dict(ITERATIONS="6", TRAIN_LOG_EVERY="1", AVERAGING="ema", GPTQ="1", RUN_ID="dist")
@@ -103,6 +113,10 @@ def check_final_lines_against_decoded_text(dataset, tmp_path, **overrides):
     env = tiny_run_env(dataset, ITERATIONS="8", EVAL_STRIDE="16", RUN_ID="bytes", **overrides)
     proc, log = run_train(env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_final_lines_match_decoded_text(dataset, env, log)
+
+
+def assert_final_lines_match_decoded_text(dataset, env, log):
     loss, bpb = final_exact(log, "final_int6_sliding_window")
     _, val = train_gpt.load_validation_tokens(str(dataset[0]), int(env["TRAIN_SEQ_LEN"]))
     n_targets, n_bytes = independent_scored_bytes(val.numpy(), train_gpt.load_tokenizer(str(dataset[1])))
@@ -110,12 +124,16 @@ def check_final_lines_against_decoded_text(dataset, tmp_path, **overrides):
     assert f"{loss / bpb:.6g}" == f"{math.log(2) * n_bytes / n_targets:.6g}"
 
 
-def test_final_lines_match_independent_byte_count(smoke_dataset, tmp_path):
+@pytest.mark.slow
+def test_final_lines_match_independent_byte_count(smoke_dataset, smoke_pair):
     """val_loss/val_bpb of the final sliding-window line = ln2 * bytes/targets, with the bytes counted from the
     decoded text of the scored targets (on data the suite builds itself, so every checkout runs it)."""
-    check_final_lines_against_decoded_text(smoke_dataset, tmp_path)
+    env, [(proc, log), _] = smoke_pair
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_final_lines_match_decoded_text(smoke_dataset, env, log)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (DOCS_TINY.exists() and DOCS_TOKENIZER.exists()), reason="../shared/data/docs_sp1024_tiny is absent")
 def test_docs_tiny_final_lines_match_independent_byte_count(tmp_path):
     check_final_lines_against_decoded_text((DOCS_TINY, DOCS_TOKENIZER), tmp_path)
@@ -161,6 +179,7 @@ def plant_previous_outputs(out_dir):
     (signal.SIGTERM, "step:3/", "training (step"),
     (signal.SIGINT, "final_int6_zstd_roundtrip val_loss", "evaluation of the artifact"),
 ])
+@pytest.mark.slow
 def test_interrupt_ends_with_one_line_and_no_mismatched_outputs(smoke_dataset, tmp_path, signum, marker, phase):
     out = tmp_path / "run"
     plant_previous_outputs(out)
@@ -216,9 +235,17 @@ def test_write_atomic_leaves_nothing_half_written(tmp_path, monkeypatch):
     assert target.read_bytes() == b"new complete file" and [p.name for p in tmp_path.iterdir()] == [target.name]
 
 
-def test_reused_run_id_starts_a_new_log_and_errors_reach_the_log(smoke_dataset, tmp_path):
-    env = tiny_run_env(smoke_dataset, ITERATIONS="2", RUN_ID="same")
-    first, log1 = run_train(env, tmp_path)
+@pytest.fixture(scope="module")
+def plain_run(smoke_dataset, tmp_path_factory):
+    """(env, folder, proc, log) of one short run, shared by the reused-RUN_ID and packed-copy tests."""
+    env = tiny_run_env(smoke_dataset, ITERATIONS="4", RUN_ID="same")
+    folder = tmp_path_factory.mktemp("plain")
+    return (env, folder, *run_train(env, folder))
+
+
+@pytest.mark.slow
+def test_reused_run_id_starts_a_new_log_and_errors_reach_the_log(plain_run):
+    env, tmp_path, first, log1 = plain_run
     assert first.returncode == 0, first.stderr[-3000:]
     second, _ = run_train(dict(env, DATA_PATH=str(tmp_path / "missing")), tmp_path)
     assert second.returncode == 2 and second.stderr.startswith("error: DATA_PATH")
@@ -241,13 +268,13 @@ def key_lines(console):
     return [line for line in lines if not line.startswith(drop) and "bytes_total" not in line]
 
 
-def test_packed_copy_runs_identically_and_counts_its_own_bytes(smoke_dataset, tmp_path):
+@pytest.mark.slow
+def test_packed_copy_runs_identically_and_counts_its_own_bytes(plain_run, tmp_path):
     import pack_code
 
     packed = tmp_path / "packed" / "train_gpt.py"
     pack_code.main([str(ROOT / "train_gpt.py"), "-o", str(packed)])
-    env = tiny_run_env(smoke_dataset, ITERATIONS="4", RUN_ID="same")
-    plain, plain_log = run_train(env, tmp_path / "plain")
+    env, _, plain, _ = plain_run
     full = dict(os.environ, **{k: str(v) for k, v in env.items()}, LOG_DIR=str(tmp_path / "p" / "logs"),
                 OUTPUT_DIR=str(tmp_path / "p"), OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, str(packed)], env=full, capture_output=True, text=True, timeout=600)
@@ -264,15 +291,16 @@ DOCS8192_TINY = DOCS_TINY.parent / "docs_sp8192_tiny"
 DOCS8192_TOKENIZER = DOCS_TOKENIZER.parent / "docs_8192_bpe.model"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (DOCS8192_TINY.exists() and DOCS8192_TOKENIZER.exists()), reason="../shared/data/docs_sp8192_tiny is absent")
 def test_sp8192_stack_end_to_end(tmp_path):
-    env = tiny_run_env((DOCS8192_TINY, DOCS8192_TOKENIZER), STACK="sp8192", VOCAB_SIZE="8192", ITERATIONS="4",
-                       RUN_ID="sp8192", EVAL_STRIDE="32")
+    """One run of the stack (it was two: the byte-count check now reads this run's final lines)."""
+    dataset = (DOCS8192_TINY, DOCS8192_TOKENIZER)
+    env = tiny_run_env(dataset, STACK="sp8192", VOCAB_SIZE="8192", ITERATIONS="4", RUN_ID="sp8192", EVAL_STRIDE="16")
     env.pop("BIGRAM_BUCKETS")  # the stack's own default (off)
     proc, log = run_train(env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "STACK=sp8192" in log and "BIGRAM_BUCKETS=0" in log and "EMBED_BITS=7" in log
     sub = json.loads((tmp_path / "submission.json").read_text())
     assert math.isfinite(sub["val_bpb"]) and sub["val_targets"] == int(re.search(r"tokens:(\d+)", log).group(1))
-    check_final_lines_against_decoded_text((DOCS8192_TINY, DOCS8192_TOKENIZER), tmp_path / "bytes", STACK="sp8192",
-                                           VOCAB_SIZE="8192")
+    assert_final_lines_match_decoded_text(dataset, env, log)

@@ -49,6 +49,7 @@ def test_hessians_are_fp32_under_autocast_and_shared_by_qkv():
     assert hessians["blocks.0.attn.c_k.weight"] is H and hessians["blocks.0.attn.c_v.weight"] is H
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_compiled_evaluation_compiles_once():
     """The eval-clock warm-up runs the exact graph evaluate() uses: no recompilation afterwards."""
@@ -76,6 +77,7 @@ def test_compiled_evaluation_compiles_once():
         torch._dynamo.reset()
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_cuda_code_path_two_steps_on_cpu(smoke_dataset, tmp_path):
     """Two training steps through bf16 autocast, COMPILE=1 and DDP around the compiled model over 2 gloo ranks."""
@@ -90,6 +92,7 @@ def test_cuda_code_path_two_steps_on_cpu(smoke_dataset, tmp_path):
     assert "summary: val_bpb:" in log.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_gpu_check_runs_on_cpu(tmp_path):
     out = tmp_path / "report.txt"
@@ -107,6 +110,7 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     assert "---- the run's log" in report and "final_int6_sliding_window_exact" in report
 
 
+@pytest.mark.slow
 def test_gpu_check_two_rank_run_on_cpu(tmp_path, monkeypatch):
     """The check's 2-rank run (NCCL on a node with two GPUs) works: here over gloo, FA3 through the stand-in, eager."""
     import gpu_check
@@ -117,6 +121,7 @@ def test_gpu_check_two_rank_run_on_cpu(tmp_path, monkeypatch):
     assert len(lines) == 1 and lines[0].startswith("check: 2-rank gloo run: ok"), lines
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_loop_switch_costs_no_recompile_after_the_warm_up():
     """The rolled-back warm-up compiles the graph with the loop off and on; switching it on mid-run (and back)

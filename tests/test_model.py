@@ -820,6 +820,7 @@ def _skip_if_no_cxx(exc):
     raise exc
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")
 def test_torch_compile_fullgraph_cpu():
     import torch._dynamo
