@@ -185,11 +185,11 @@ def test_lqer_is_a_rung_of_the_allocation_taken_where_it_pays():
     0.3 steps: the factors remove most of its error for ~1 kB) and pays for it by coarsening the other: less total
     error in the same bytes than without LQER. The factors survive the artifact round trip."""
     torch.manual_seed(0)
-    w0 = 0.03 * torch.randn(512, 256)
+    w0 = 0.03 * torch.randn(256, 256)
     s0 = train_gpt.sdclip_scales(w0, 6, 12.0)
-    u, v = (torch.randint(0, 2, (n,)) * 2 - 1 for n in (512, 256))
+    u, v = (torch.randint(0, 2, (n,)) * 2 - 1 for n in (256, 256))
     structured = train_gpt.quantize_rows(w0, s0, 6) * s0[:, None] + 0.3 * s0[:, None] * (u[:, None] * v[None, :])
-    state = {"blocks.0.mlp.fc.weight": structured, "blocks.0.mlp.proj.weight": 0.03 * torch.randn(512, 256)}
+    state = {"blocks.0.mlp.fc.weight": structured, "blocks.0.mlp.proj.weight": 0.03 * torch.randn(256, 256)}
     natural, _, _ = train_gpt.export_artifact(state, make_h(ZSTD_LEVEL=9, BUDGET_FILL=0), 0, log=lambda m: None)
     cap = len(natural) + train_gpt.TARGET_SLACK
     errors = {}

@@ -1027,6 +1027,7 @@ def test_stack_presets_and_explicit_settings_win():
         train_gpt.Hyperparameters({"STACK": "sp4096"})
 
 
+@pytest.mark.slow
 def test_largest_vocabulary_reads_trains_and_exports(tmp_path):
     """Shards hold uint16 ids, so 65,536 pieces is the ceiling: the top id survives the shard, the bigram hash, the
     byte tables and the export."""

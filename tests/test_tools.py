@@ -284,6 +284,7 @@ def test_pack_refuses(tmp_path, capsys):
     assert capsys.readouterr().err.count("error: ") == 2
 
 
+@pytest.mark.slow
 def test_export_size_fills_the_window_and_measures_both_compressors(monkeypatch, capsys):
     """tools/export_size.py on a small model: without filling the default grids; with it, the total lands in
     [cap - 50,000, cap]; and the bits per int6 code of zstd and lzma are reported."""

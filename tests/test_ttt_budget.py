@@ -160,7 +160,7 @@ def compiled_names(monkeypatch, **settings):
     """The functions compile_ttt hands to torch.compile (recorded, not compiled) for these settings."""
     names = []
     monkeypatch.setattr(train_gpt.torch, "compile", lambda fn, **kw: names.append(getattr(fn, "__name__", type(fn).__name__)) or fn)
-    h = make_h(COMPILE=1, **settings)
+    h = make_h(COMPILE=1, TTT_BATCH_DOCS=4, TTT_LORA_RANK=4, **settings)  # small adapters: only the names matter
     model = train_gpt.build_model(h)
     fns = train_gpt.compile_ttt(train_gpt.Run(h, 0, 1, torch.device("cpu"), lambda *a, **k: None), model)
     return names, fns
