@@ -998,7 +998,7 @@ class WeightAverager:
 # passthrough, in frames of zstd or lzma; each tensor's grid chosen so that the artifact fills the cap.
 
 def export_plan(name, tensor, h):
-    """(bits, clip_k) for a tensor that is quantized, None for fp16 passthrough. QAT uses the same plan."""
+    """(bits, clip_k) for a tensor that is quantized, None for fp16 passthrough."""
     if name == "tok_emb.weight" or name.endswith("table.weight"):
         return (h.embed_bits, h.embed_clip_k) if h.embed_bits <= 8 else None
     if name.startswith("blocks.") and tensor.ndim == 2 and not is_control(name):
@@ -1128,6 +1128,10 @@ def decompress_frame(method, frame):
 def lqer_frame(e, h):
     return compress_frame(e["lqer_a"].numpy().tobytes() + e["lqer_b"].numpy().tobytes(), h.zstd_level, True)
 
+def lqer_bytes(e, frame):
+    """Bytes of a tensor's LQER factors: their code frame and their 16-bit scales (A's one, B's per group)."""
+    return len(frame[1]) + 2 * (1 + e["lqer_b_scale"].numel())
+
 def code_frames(name, e, h):
     """{name: (method, frame)} of a quantized tensor's codes, and {name + "/lqer": ...} of its LQER codes (A then B)."""
     frames = {name: compress_frame(e["codes"].numpy().tobytes(), h.zstd_level, True)}
@@ -1141,7 +1145,7 @@ def sixteen_bit_frame(qstate, h):
 def tensor_bytes(name, qstate, frames):
     """A quantized tensor's bytes beyond its row scales: its code frame, and its LQER frame and 16-bit scales."""
     e = qstate[name]
-    return len(frames[name][1]) + (len(frames[name + "/lqer"][1]) + 2 * (1 + e["lqer_b_scale"].numel()) if "lqer_a" in e else 0)
+    return len(frames[name][1]) + (lqer_bytes(e, frames[name + "/lqer"]) if "lqer_a" in e else 0)
 
 def serialize_quantized(qstate, frames, half_frame):
     """The artifact of a quantized state, its code frames and 16-bit frame; a header entry [name, shape, bits] gains
@@ -1217,8 +1221,7 @@ def rung_trials(w, hdiag, rungs, h, lqer=False):
         error = w - codes * scale[:, None]
         if lqer:
             f = lqer_factors(error, h.lqer_rank)
-            lqer_bytes = len(lqer_frame(f, h)[1]) + 2 * (1 + f["lqer_b_scale"].numel())
-            out.append((lqer_bytes, float(((error - lqer_product(f)).square() * hdiag).sum())))
+            out.append((lqer_bytes(f, lqer_frame(f, h)), float(((error - lqer_product(f)).square() * hdiag).sum())))
             continue
         counts = torch.bincount((codes + 2 ** (bits - 1) - 1).flatten().long(), minlength=2 ** bits - 1).double()
         p = counts[counts > 0] / codes.numel()
@@ -1291,10 +1294,10 @@ class Export:
         self.blob = serialize_quantized(self.qstate, self.frames, self.half_frame)
         self.total = self.code_bytes + len(self.blob)
 
-    def rate_rungs(self, movable):
+    def rate_rungs(self):
         """{name: [(bytes, error)] per rung}, the entropy estimates scaled to each tensor's exact size on its default
         grid; the LQER_TOP_K tensors of largest error gain each grid again with LQER."""
-        h, state, ladders = self.h, self.state, self.ladders
+        h, state, ladders, movable = self.h, self.state, self.ladders, self.quantized
         rate = lambda n, lqer=False: rung_trials(state[n].cpu(), error_weights(n, state, self.hessians), ladders[n], h, lqer)  # noqa: E731
         trials = on_ranks(rate, {n: state[n].numel() for n in movable}, *self.ranks)
         for n in movable:
@@ -1307,10 +1310,10 @@ class Export:
             ladders[n] = ladders[n] + [(bits, k, h.lqer_rank) for bits, k, _ in ladders[n]]
         return trials
 
-    def fit(self, movable):
+    def fit(self):
         """Move grids until the total lands just under the cap (with BUDGET_FILL, within 50 kB of it): pick rungs for
         the budget, regrid what changed, measure, and steer the next attempt by this one's miss."""
-        h, cap, trials = self.h, self.h.artifact_cap_bytes, self.rate_rungs(movable)
+        h, cap, trials, movable = self.h, self.h.artifact_cap_bytes, self.rate_rungs(), self.quantized
         aim = cap - TARGET_SLACK
         for attempt in range(6):
             others = self.total - sum(tensor_bytes(n, self.qstate, self.frames) for n in movable)
@@ -1341,7 +1344,7 @@ def export_artifact(state, h, code_bytes, hessians=None, log=print, rank=0, worl
     t0, cap = time.perf_counter(), h.artifact_cap_bytes
     export = Export(state, h, code_bytes, hessians, log, rank, world_size)
     if export.quantized and (export.total > cap or (h.budget_fill and export.total < cap - TARGET_SLACK) or h.lqer_top_k):
-        export.fit(export.quantized)
+        export.fit()
     if export.total > cap:
         raise RuntimeError(f"could not fit the artifact under {cap} bytes (total {export.total}); not writing it")
     return export.blob, export.qstate, export.report(time.perf_counter() - t0)
@@ -1923,7 +1926,8 @@ class Data:
         h.check_tokenizer(sp)
         self.piece_luts = tuple(t.to(run.device) for t in build_byte_luts(sp))
         log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.tokenizer_path}")
-        log(f"val_bytes: {f'byte sidecar {sidecar_pattern(h.data_path)}' if sidecar_pattern(h.data_path) else 'piece table of the tokenizer'}")
+        sidecar = sidecar_pattern(h.data_path)
+        log(f"val_bytes: {f'byte sidecar {sidecar}' if sidecar else 'piece table of the tokenizer'}")
         val_pattern, _ = find_shards(h.data_path, "val")
         if not h.eval_artifact:
             _, self.train_files = find_shards(h.data_path, "train")
@@ -2013,7 +2017,7 @@ def train(run, data):
         warm_up(run, model, optimizers, train_step, new_loader())
     loader, averager = new_loader(), WeightAverager(model, h)
     cap_ms = 1000 * (h.max_wallclock_seconds - (h.gptq_reserve_seconds if h.gptq else 0)) if h.max_wallclock_seconds else 0.0
-    step, train_ms, stop, looping = 0, 0.0, False, None
+    step, train_ms, stop = 0, 0.0, False
     run.sync()
     t0 = time.perf_counter()
     while True:
@@ -2034,9 +2038,9 @@ def train(run, data):
         check_interrupt()
         elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
         scale, frac = lr_multiplier(h, step, elapsed_ms, cap_ms), training_fraction(h, step, elapsed_ms, cap_ms)
-        if looping is False and loop_on(h, frac):  # the warm-up compiled this graph too: no training time is lost
+        if not model.looping and loop_on(h, frac):  # the warm-up compiled this graph too: no training time is lost
             log(f"loop:on step:{step} layers {h.loop[0]}-{h.loop[1]} x{h.loop_repeats + 1} ({len(model.looped)} virtual layers)")
-        looping, loss = loop_on(h, frac), train_step(loader, step, frac, scale)
+        loss = train_step(loader, step, frac, scale)
         step += 1
         averager.update(step)
         approx_ms = train_ms + 1000 * (time.perf_counter() - t0)
@@ -2144,7 +2148,8 @@ def final_pass(run, model, scorer, logits_fn, ttt_fns, t_eval):
     if h.ttt == "off":
         return evaluate(logits_fn, None, None, h.eval_seq_len, h.eval_stride, h.eval_batch_seqs, run.rank, run.world_size,
                         run.log, "final_int6_sliding_window", scorer)
-    s = ttt_lora(run, model, ttt_fns[1], ttt_fns[0], ttt_fns[2], scorer, TTTBudget(h.ttt_budget_seconds, t_eval, sync=run.sync))
+    train_fn, lora_fn, lora = ttt_fns
+    s = ttt_lora(run, model, lora_fn, train_fn, lora, scorer, TTTBudget(h.ttt_budget_seconds, t_eval, sync=run.sync))
     run.log(f"ttt: lora: rank {run.rank} adapted {s['adapted_batches']}/{s['batches']} batches "
             f"({100 * s['adapted_targets'] / max(s['targets'], 1):.1f}% of its targets), {s['phases']} phase(s); "
             + ("adapted throughout" if not s["stops"] else f"{s['stops']} scored without updates (budget)") + f"; {scorer.batches} scoring batches")
