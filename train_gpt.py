@@ -1,32 +1,13 @@
 """Parameter Golf: train an 11-layer GPT in 600 s on 8xH100, export it (int6 GPTQ, zstd/lzma) under 16,000,000
 bytes, and score it by exact val_bpb on sliding windows or with score-first test-time training. Every knob is an
-environment variable (HYPERPARAMETERS below; the README's table is that list).
-
-    torchrun --standalone --nproc_per_node=8 train_gpt.py      # the real job
-    python train_gpt.py                                        # one process (CPU or one GPU)
-
-The file reads top to bottom: settings and the run context, data, the metric, the model, the optimizer,
-quantization and export, evaluation and test-time training, then the phases main() runs. `import train_gpt`
-has no side effects.
+environment variable (HYPERPARAMETERS below). `torchrun --standalone --nproc_per_node=8 train_gpt.py` is the real
+job; `python train_gpt.py` runs one process (CPU or one GPU). The file reads top to bottom: settings and the run
+context, data, the metric, the model, the optimizer, quantization and export, evaluation and test-time training,
+then the phases main() runs. `import train_gpt` has no side effects.
 """
 from __future__ import annotations
 
-import copy
-import datetime
-import glob
-import json
-import lzma
-import math
-import os
-import platform
-import queue
-import re
-import signal
-import subprocess
-import sys
-import threading
-import time
-import uuid
+import copy, datetime, glob, json, lzma, math, os, platform, queue, re, signal, subprocess, sys, threading, time, uuid
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +53,6 @@ HYPERPARAMETERS = [
     ("WARMDOWN_FRAC", float, 0.85, 0, "fraction of the run (time or steps) over which LR decays linearly"),
     ("MIN_LR", float, 0.10, 0, "LR multiplier floor at the end of warmdown"),
     ("TRAIN_LOG_EVERY", int, 200, 1, "train-loss log interval in steps"),
-    ("VAL_LOSS_EVERY", int, 0, 0, "periodic validation interval in steps (0: off; not timed)"),
     ("COMPILE", "auto_bool", "auto", None, "torch.compile the model (auto: on for CUDA, off for CPU)"),
     ("BF16", "auto_bool", "auto", None, "bf16 autocast, activations in bf16 over fp32 weights (auto: on for CUDA)"),
     # model
@@ -179,22 +159,20 @@ BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "fal
 
 class ConfigError(ValueError):
     """A bad setting; the message names the variable and what it accepts."""
-
 def need(ok, message):
     if not ok:
         raise ConfigError(message)
 
 def parse_setting(name, kind, raw, lower):
-    text = raw.strip()
+    text, word = raw.strip(), raw.strip().lower()
     if isinstance(kind, tuple):
         need(text in kind, f"{name} must be one of {', '.join(kind)}; got {raw!r}")
         return text
     if kind in (bool, "auto_bool"):
-        if kind == "auto_bool" and text.lower() == "auto":
-            return None
-        need(text.lower() in BOOL_WORDS, f"{name} must be a boolean (1/0, true/false, yes/no, on/off"
-                                         f"{', auto' if kind == 'auto_bool' else ''}); got {raw!r}")
-        return BOOL_WORDS[text.lower()]
+        auto = kind == "auto_bool"
+        need(word in BOOL_WORDS or (auto and word == "auto"),
+             f"{name} must be a boolean (1/0, true/false, yes/no, on/off{', auto' if auto else ''}); got {raw!r}")
+        return BOOL_WORDS.get(word)  # None: auto
     if kind in (int, float):
         try:
             value = kind(text)
@@ -215,15 +193,13 @@ def parse_layer_list(name, text, num_layers):
     raw = parse_int_list(name, text, "layer indices")
     need(all(-num_layers <= i < num_layers for i in raw),
          f"{name} must name layers in {-num_layers}..{num_layers - 1} (NUM_LAYERS={num_layers}); got {text!r}")
-    layers = [i % num_layers for i in raw]
-    need(len(set(layers)) == len(layers), f"{name} must not repeat a layer; got {text!r}")
-    return layers
+    need(len({i % num_layers for i in raw}) == len(raw), f"{name} must not repeat a layer; got {text!r}")
+    return [i % num_layers for i in raw]
 
 def parse_loop(text, num_layers):
     """(first, last) looped layer or None. auto: the records' 3-5 of 11, scaled to the depth."""
-    text = text.strip().lower()
+    text, a = text.strip().lower(), round(3 * num_layers / 11)
     if text in ("off", "auto"):
-        a = round(3 * num_layers / 11)
         return None if text == "off" else (a, max(a, round(5 * num_layers / 11)))
     try:
         a, b = (int(x) for x in text.split("-"))
@@ -245,17 +221,14 @@ def parse_lanes(text, num_layers, loop):
 
 class Hyperparameters:
     """All settings, read from the environment (or a given mapping) and validated at construction."""
-
     def __init__(self, environ=None):
         environ = os.environ if environ is None else environ
         stack = STACKS[parse_setting("STACK", HYPERPARAMETERS[0][1], environ.get("STACK", "sp1024"), None)]
         for name, kind, default, lower, _ in HYPERPARAMETERS:
-            raw = environ.get(name, stack.get(name))
-            value = default if raw is None else parse_setting(name, kind, raw, lower)
-            setattr(self, name.lower(), None if kind == "auto_bool" and value == "auto" else value)  # None: auto
-        self.run_id = self.run_id or uuid.uuid4().hex[:12]
+            raw = environ.get(name, stack.get(name, default if isinstance(default, str) else None))  # "auto" parses to None
+            setattr(self, name.lower(), default if raw is None else parse_setting(name, kind, raw, lower))
+        L, self.run_id = self.num_layers, self.run_id or uuid.uuid4().hex[:12]
         self.eval_seq_len = self.eval_seq_len or self.train_seq_len
-        L = self.num_layers
         self.head_dim, self.kv_dim = self.model_dim // self.num_heads, self.num_kv_heads * (self.model_dim // self.num_heads)
         self.phase_counts = parse_int_list("TTT_PHASES", self.ttt_phases, "document counts")
         self.validate()
@@ -314,7 +287,6 @@ PENDING_SIGNALS = []
 
 class RunInterrupted(BaseException):
     """Raised by the SIGINT/SIGTERM handler, so a stopped run ends with one line instead of a traceback."""
-
     def __init__(self, signum):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
@@ -355,11 +327,9 @@ class Logger:
 
 class Progress:
     """Console-only progress of a long phase: done/total, rate and time left (or `note()`), every PROGRESS_SECONDS."""
-
     def __init__(self, log, label, total, unit, note=None):
         self.log, self.label, self.total, self.unit, self.note = log, label, total, unit, note
-        self.done, self.t0 = 0, time.perf_counter()
-        self.t_last = self.t0
+        self.done, self.t0, self.t_last = 0, time.perf_counter(), time.perf_counter()
 
     def step(self, n=1):
         check_interrupt()
@@ -371,9 +341,7 @@ class Progress:
                      f"{rate:.1f} {self.unit}/s, " + (self.note() if self.note else f"~{(self.total - self.done) / rate:.0f}s left"), file=False)
 
 class Run:
-    """What every phase needs: settings, ranks, device, the logger, compile/bf16 choices, the attention kernel
-    (configure_attention decides it), and the phase name for messages."""
-
+    """What every phase needs: settings, ranks, device, log, compile/bf16, attention kernel and the phase's name."""
     def __init__(self, h, rank=0, world_size=1, device=torch.device("cpu"), log=lambda *a, **k: None):
         self.h, self.rank, self.world_size, self.device, self.log = h, rank, world_size, device, log
         self.master, self.is_cuda = rank == 0, device.type == "cuda"
@@ -413,7 +381,6 @@ DOWNLOAD_HINT = ("Download the official data with `python3 data/cached_challenge
 
 class DataError(RuntimeError):
     """Missing or malformed data; the message names the file."""
-
 def read_shard(path):
     """The shard's tokens, memory-mapped (read from disk as the stream reaches them), after checking the header."""
     path, size = str(path), os.path.getsize(path)
@@ -440,9 +407,7 @@ def find_shards(data_path, split):
     return pattern, files
 
 class WindowSampler:
-    """Every (seq_len+1)-token window of a grid over the shards once per epoch, in a seeded random order, the grid's
-    phase redrawn each epoch: a step's sequences come from all over the data, not one stretch of a few documents."""
-
+    """Each epoch, every window of a randomly shifted grid over the shards, in random order: a step sees all the data."""
     def __init__(self, files, seq_len, seed):
         self.shards, self.seq_len, self.seed, self.epoch = [read_shard(f) for f in files], seq_len, seed, -1
         if all(len(t) <= seq_len for t in self.shards):
@@ -476,10 +441,8 @@ class WindowSampler:
         return rows
 
 class DistributedTokenLoader:
-    """Each micro-step takes the next world_size*local_tokens/seq_len windows (WindowSampler); rank r keeps the r-th
-    share. A background thread cuts the next (inputs, targets, FA3 document starts when `starts`) into pinned
-    memory on CUDA while the device works, so the step never waits on disk, a pageable copy or a split."""
-
+    """Rank r keeps the r-th share of each micro-step's windows. A thread prepares the next (inputs, targets, FA3
+    document starts) in pinned memory while the device works, so a step never waits on disk or a pageable copy."""
     def __init__(self, files, rank, world_size, device, local_tokens, seq_len, seed, prefetch=2, starts=False):
         self.device, self.ready = device, queue.Queue(maxsize=prefetch)
         rows, sampler = local_tokens // seq_len, WindowSampler(files, seq_len, seed)
@@ -517,8 +480,7 @@ def sidecar_pattern(data_path):
     return pattern if glob.glob(pattern) else None
 
 def load_byte_sidecar(data_path):
-    """(pattern, counts) of the byte sidecar (the shard format): count i is the original-text UTF-8 bytes of
-    validation token i (0 for BOS), for tokens that do not spell their text (CaseOps). None when absent."""
+    """(pattern, counts): count i is the original UTF-8 bytes of validation token i (CaseOps tokens do not spell them)."""
     if not sidecar_pattern(data_path):
         return None
     pattern, files = find_shards(data_path, "val_bytes")
@@ -578,7 +540,6 @@ def rms_norm(x):
 
 class RMSNorm(nn.Module):
     """Weightless RMSNorm as a module, so GPTQ can hook the LM head's input."""
-
     def forward(self, x):
         return rms_norm(x)
 
@@ -592,7 +553,6 @@ def quantize_rows(w, scale, bits):
 
 class CastedLinear(nn.Linear):
     """Bias-free linear (zero_init: its init is zeros)."""
-
     def __init__(self, in_features, out_features, zero_init=False):
         super().__init__(in_features, out_features, bias=False)
         self.zero_init = zero_init
@@ -611,16 +571,14 @@ def exclusive_self_attention(y, v):
     return (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
 
 def dynamic_length(cu_seqlens):
-    """Marks the document count dynamic, so one compiled graph serves every batch (else one graph per size, compiled
-    inside the training clock); None passes through."""
+    """One compiled graph for every document count (else a recompile per count, inside the training clock)."""
     if cu_seqlens is not None:
         torch._dynamo.mark_dynamic(cu_seqlens, 0)
     return cu_seqlens
 
 def document_starts(ids, bucket=CU_SEQLENS_BUCKET):
-    """FA3 varlen's cu_seqlens for the rows `ids` (B, T) laid end to end: the int32 offset of every document start
-    (each BOS and each row start), then the total, padded with the total (empty sequences) to a multiple of `bucket`
-    entries. bucket=0: B*T+1 entries, the most there can be, a static size for a compiled graph given none."""
+    """FA3 varlen's cu_seqlens of rows `ids` laid end to end: each document start (BOS or row start), then the total,
+    padded with the total to a multiple of `bucket` entries (0: to B*T+1, a static size for a compiled graph)."""
     B, T = ids.shape
     starts = (ids == BOS_ID).flatten()
     starts[::T] = True
@@ -644,9 +602,8 @@ def fa3_wanted(h):
     return h.fa3 == "force" or (h.fa3 == "1" and fa3_attention is not None and torch.cuda.is_available())
 
 def attention_kernel(ids, use_fa3, doc_isolation, cu_seqlens=None):
-    """The attention every layer of one forward runs, (B, T, H, D) q, k, v -> y, causal and GQA. Inside documents:
-    FA3's varlen kernel at the document starts, or SDPA with a document mask and the KV heads repeated (CUDA's
-    masked kernel, memory-efficient, takes no GQA). Without documents: FA3, or SDPA's flash kernel."""
+    """(B, T, H, D) q, k, v -> y, causal, GQA: FA3 (varlen at document starts) or SDPA (a document mask with the KV
+    heads repeated, since CUDA's masked kernel takes no GQA; else its flash kernel)."""
     B, T = ids.shape
     if doc_isolation and use_fa3:
         cu = cu_seqlens if cu_seqlens is not None else document_starts(ids, 0 if torch.compiler.is_compiling() else CU_SEQLENS_BUCKET)
@@ -750,7 +707,6 @@ class Block(nn.Module):
 
 class SmearGate(nn.Module):
     """x_t += lambda*sigmoid(w.x_t[:12])*x_{t-1} (v2), never into a BOS position (no cross-document leak)."""
-
     def __init__(self):
         super().__init__()
         self.smear_w, self.smear_lambda = nn.Parameter(torch.zeros(12)), nn.Parameter(torch.zeros(()))
@@ -761,9 +717,7 @@ class SmearGate(nn.Module):
         return x + self.smear_lambda.to(x.dtype) * gate * F.pad(x[:, :-1], (0, 0, 1, 0)) * keep
 
 class TableEmbedding(nn.Module):
-    """A lookup table projected (zero-init) and scaled: BigramHash (hashed (previous, current) token pairs, added to
-    the token embedding) and value embeddings (tokens, added to the values of chosen layers)."""
-
+    """A table, projected (zero-init) and scaled: BigramHash (of token pairs) and value embeddings (of tokens)."""
     def __init__(self, rows, dim, out_dim, std, scale, buckets=0):
         super().__init__()
         self.buckets, self.table = buckets, nn.Embedding(rows, dim)
@@ -813,13 +767,11 @@ class GPT(nn.Module):
         return self.doc_isolation and self.use_fa3
 
     def starts_of(self, ids):
-        """FA3 document starts of rows built outside the loader, computed outside the compiled graph; None when
-        attention does not take them."""
+        """FA3 document starts of rows built outside the loader (outside the compiled graph), or None."""
         return dynamic_length(document_starts(ids)) if self.varlen else None
 
     def forward_logits(self, input_ids, lora=None, cu_seqlens=None):
-        """Logits of every position. `lora` (test-time adapters, one slot per virtual layer) adds its deltas, on rows
-        that each hold one document: plain causal attention. cu_seqlens: document_starts(input_ids), if known."""
+        """Logits of every position; `lora` adds test-time adapters (its rows hold one document each: plain causal)."""
         x = self.tok_emb(input_ids).to(activation_dtype(input_ids.device.type))
         if self.bigram is not None:
             x = x + self.bigram(input_ids).to(x.dtype)
@@ -872,8 +824,7 @@ POLAR_EXPRESS = [  # Polar Express: one quintic per step, tuned so that 5 steps 
 ]
 
 def orthogonalize(g, polar=True):
-    """Newton-Schulz iteration towards the nearest semi-orthogonal matrix U V^T (bf16 on GPU; fp32 on CPU,
-    where bf16 matmuls are slow)."""
+    """Newton-Schulz towards the nearest semi-orthogonal U V^T (bf16 on GPU; fp32 on CPU, where bf16 is slow)."""
     x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
     x = x / (x.norm() + 1e-7)
     tall = x.size(0) > x.size(1)
@@ -886,7 +837,6 @@ def orthogonalize(g, polar=True):
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalised update, decoupled decay W <- W(1 - lr*wd) - lr*sqrt(max(1,out/in))*O.
     Rank r orthogonalises matrices i = r (mod world_size); one all-reduce shares the results."""
-
     def __init__(self, params, lr, momentum, weight_decay, polar=True, row_norm=True, rank=0, world_size=1):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, polar=polar, row_norm=row_norm))
         self.rank, self.world_size, self.orthogonalize = rank, world_size, orthogonalize
@@ -915,9 +865,7 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_add_(params, [u.view_as(p) for u, p in zip(updates.float().split(sizes), params)], alpha=-lr)
 
 class Optimizers:
-    """AdamW for the tied embedding, lookup tables and control tensors (a group each); Muon for the 2-D block
-    matrices. step() runs both at the schedule's share of each group's base LR."""
-
+    """AdamW for the tied embedding, the tables and the control tensors (a group each); Muon for block matrices."""
     def __init__(self, model, h, rank=0, world_size=1):
         groups = {"embed": [], "table": [], "scalar": [], "matrix": []}
         for name, p in model.named_parameters():
@@ -974,7 +922,6 @@ def muon_momentum(h, step):
 class WeightAverager:
     """The exported weights: with AVERAGING=ema, e <- d*e + (1-d)*w with d = min(EMA_DECAY, (1+s)/(10+s)) s steps after
     t0 = 2/(1-EMA_DECAY), before t0 the live weights (a 1/(1-d)-step average cannot help sooner)."""
-
     def __init__(self, model, h):
         self.h, self.params, self.ema_start = h, list(model.parameters()), round(2 / (1 - h.ema_decay))
         self.avg = [p.detach().float().clone() for p in self.params] if h.averaging == "ema" else None
@@ -1808,11 +1755,8 @@ ARTIFACT_NAME, SUBMISSION_NAME = "final_model.int6.ptz", "submission.json"  # th
 
 def unused_log_path(log_dir, run_id):
     """logs/<RUN_ID>.txt, or <RUN_ID>-2.txt, -3, ... when an earlier run already wrote that file."""
-    path, n = Path(log_dir) / f"{run_id}.txt", 1
-    while path.exists():
-        n += 1
-        path = Path(log_dir) / f"{run_id}-{n}.txt"
-    return path
+    paths = (Path(log_dir) / f"{run_id}{f'-{n}' if n > 1 else ''}.txt" for n in range(1, 1 << 30))
+    return next(p for p in paths if not p.exists())
 
 def write_atomic(path, data):
     """Write beside `path`, then rename into place: an interrupted run never leaves a half-written output."""
@@ -1876,8 +1820,7 @@ def fa3_traces(run):
         return f"FA3 failed to trace: {type(error).__name__}: {str(error)[:200]}"
 
 def configure_attention(run):
-    """Decides run.use_fa3: FA3 if it imports and traces, else SDPA (FA3=force insists on FA3 on any device).
-    Returns what runs, for the log, with what a fallback costs."""
+    """Sets run.use_fa3 (FA3 if it imports and traces, else SDPA); returns what runs and what a fallback costs."""
     h = run.h
     need(h.fa3 != "force" or fa3_attention is not None, "FA3=force but flash_attn_interface does not import (install the wheel in the README)")
     need(h.fa3 != "force" or run.bf16, "FA3=force needs BF16=1: flash_attn_interface takes only fp16/bf16 inputs")
@@ -1916,10 +1859,8 @@ def start_run():
     return run
 
 class Data:
-    """The tokenizer's byte tables, the training shards and, for a training run's diagnostics (periodic and
-    pre-quantization validation), the validation tokens and what each target is charged. EVAL_ARTIFACT runs read
-    neither tokens nor sidecar before the eval clock starts: the evaluation reads them inside it."""
-
+    """The tokenizer's byte tables, the training shards and a training run's validation data (an EVAL_ARTIFACT run
+    reads validation data only inside the eval clock)."""
     def __init__(self, run):
         h, log = run.h, run.log
         sp = load_tokenizer(h.tokenizer_path)
@@ -1936,8 +1877,7 @@ class Data:
             log(f"val_loader:shards pattern={val_pattern} tokens:{self.val_tokens.numel() - 1}")
 
     def validation(self, run):
-        """(validation tokens, what each target is charged: the sidecar's counts if there is one, else the piece
-        tables), read from disk on every call."""
+        """(validation tokens, what each target is charged: the sidecar's counts, else the piece tables), from disk."""
         _, tokens = load_validation_tokens(run.h.data_path, run.h.eval_seq_len)
         sidecar = load_byte_sidecar(run.h.data_path)
         if sidecar:
@@ -1946,7 +1886,6 @@ class Data:
 
 class Trained:
     """The outcome of training: the (averaged) model, the loader to continue from, steps and clocks."""
-
     def __init__(self, model, loader, steps, train_ms):
         self.model, self.loader, self.steps, self.train_ms, self.hessian_ms = model, loader, steps, train_ms, 0.0
 
@@ -1955,8 +1894,7 @@ def loop_on(h, frac):
     return bool(h.loop) and frac >= h.loop_start_frac
 
 def make_train_step(run, model, optimizers, accum):
-    """One optimizer step at training fraction `frac`: the loop switched by it, `accum` micro-batches, clip, LR x
-    lr_scale, Muon's momentum and tapered WD. The model is compiled (fullgraph) and wrapped in DDP as needed."""
+    """One optimizer step at training fraction `frac` (which switches the loop), on the compiled (DDP) model."""
     h = run.h
     if run.compile:
         optimizers.compile()
@@ -1982,8 +1920,7 @@ def make_train_step(run, model, optimizers, accum):
     return train_step
 
 def warm_up(run, model, optimizers, train_step, loader):
-    """WARMUP_STEPS real steps to compile and autotune (the second half with the loop on, so both graphs exist),
-    then weights and optimizer states restored: they cost no training time."""
+    """WARMUP_STEPS steps compile both graphs (loop off, then on), then are rolled back: they cost no training time."""
     h = run.h
     run.phase = "compile warm-up"
     run.log(f"warmup: {h.warmup_steps} steps{' (compiling: the first takes longest)' if run.compile else ''}; rolled back afterwards")
@@ -2017,33 +1954,20 @@ def train(run, data):
         warm_up(run, model, optimizers, train_step, new_loader())
     loader, averager = new_loader(), WeightAverager(model, h)
     cap_ms = 1000 * (h.max_wallclock_seconds - (h.gptq_reserve_seconds if h.gptq else 0)) if h.max_wallclock_seconds else 0.0
-    step, train_ms, stop = 0, 0.0, False
+    step, stop = 0, False
     run.sync()
     t0 = time.perf_counter()
-    while True:
-        last = stop or step >= h.iterations
-        if h.val_loss_every and step > 0 and (last or step % h.val_loss_every == 0):  # not timed
-            run.sync()
-            train_ms += 1000 * (time.perf_counter() - t0)
-            run.phase = f"periodic validation (step {step})"
-            res = evaluate(make_logits_fn(model, False, run.autocast), data.val_tokens, data.luts, h.eval_seq_len,
-                           h.eval_seq_len, h.eval_batch_seqs, run.rank, run.world_size)
-            log(f"step:{step}/{h.iterations} val_loss:{res['val_loss']:.4f} val_bpb:{res['val_bpb']:.4f} "
-                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / step:.2f}ms")
-            run.sync()
-            t0 = time.perf_counter()
-        if last:
-            break
+    while not stop and step < h.iterations:
         run.phase = f"training (step {step + 1}/{h.iterations})"
         check_interrupt()
-        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        elapsed_ms = 1000 * (time.perf_counter() - t0)
         scale, frac = lr_multiplier(h, step, elapsed_ms, cap_ms), training_fraction(h, step, elapsed_ms, cap_ms)
         if not model.looping and loop_on(h, frac):  # the warm-up compiled this graph too: no training time is lost
             log(f"loop:on step:{step} layers {h.loop[0]}-{h.loop[1]} x{h.loop_repeats + 1} ({len(model.looped)} virtual layers)")
         loss = train_step(loader, step, frac, scale)
         step += 1
         averager.update(step)
-        approx_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        approx_ms = 1000 * (time.perf_counter() - t0)
         stop = bool(run.all_reduce(torch.tensor(float(cap_ms > 0 and approx_ms >= cap_ms), device=device), dist.ReduceOp.MAX).item())
         if step <= 10 or step % h.train_log_every == 0 or stop or step == h.iterations:
             loss = run.all_reduce(loss) / run.world_size
@@ -2051,7 +1975,7 @@ def train(run, data):
         if stop:
             log(f"stopping_early: wallclock_cap train_time:{approx_ms:.0f}ms step:{step}/{h.iterations}")
     run.sync()
-    train_ms += 1000 * (time.perf_counter() - t0)
+    train_ms = 1000 * (time.perf_counter() - t0)
     if run.is_cuda:
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
@@ -2116,10 +2040,8 @@ def export(run, trained, hessians):
     return artifact
 
 def compile_ttt(run, model):
-    """(train_fn, lora_fn, lora): the adapted logits (dynamic shapes) and, where phases train the model, its loss;
-    compiled and warmed up on random tokens inside the eval clock, each graph once as TTT runs it (lora_fn with
-    gradients on and the model frozen; rows and width apart and above 1, so no size is specialised); plain if
-    COMPILE is off or a compile fails (logged). Nothing is stepped."""
+    """(train_fn, lora_fn, lora): the phases' loss and the adapted logits, compiled and warmed up on random tokens as
+    TTT runs them (rows and width distinct and above 1, so no size specialises); plain if a compile fails."""
     h, dev, phases = run.h, run.device, bool(run.h.phase_counts)
     lora, train_fn, lora_fn = LoRA(model, h).to(dev), model if phases else None, model.forward_logits
     if run.compile:
@@ -2258,9 +2180,8 @@ def main(run):
         dist.destroy_process_group()
 
 def cli():
-    """Entry point: exit 2 with one `error:` line for bad settings or data, 128+signal when interrupted. A rank of a
-    distributed run skips the interpreter's teardown (with gloo, a joinable C++ thread could abort it and make
-    torchrun report a finished run as failed)."""
+    """Exit 2 with one `error:` line for bad settings or data, 128+signal when interrupted. Ranks skip the
+    interpreter's teardown (with gloo, a joinable C++ thread could abort it and fail a finished run)."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, raise_interrupt)
     run, code = None, 0
