@@ -239,7 +239,6 @@ class Hyperparameters:
         need(not self.loop or self.loop_start_frac < 1, "LOOP_START_FRAC must be below 1 while LOOP_LAYERS is on (at 1 "
              "training never runs the loop that evaluation runs); use LOOP_LAYERS=off to train without it")
         self.lanes_from = parse_lanes(self.parallel_start, L, self.loop)
-
     def validate(self):
         need(self.model_dim % self.num_heads == 0, f"MODEL_DIM ({self.model_dim}) must be divisible by NUM_HEADS ({self.num_heads})")
         need(self.num_heads % self.num_kv_heads == 0, f"NUM_HEADS ({self.num_heads}) must be divisible by NUM_KV_HEADS ({self.num_kv_heads})")
@@ -264,7 +263,6 @@ class Hyperparameters:
         need(self.zstd_level <= 22, f"ZSTD_LEVEL must be in 1..22; got {self.zstd_level}")
         need(not (self.gptq and self.max_wallclock_seconds) or self.gptq_reserve_seconds < self.max_wallclock_seconds,
              f"GPTQ_RESERVE_SECONDS ({self.gptq_reserve_seconds}) must be below MAX_WALLCLOCK_SECONDS ({self.max_wallclock_seconds})")
-
     def batch_layout(self, world_size):
         """(grad_accum_steps, tokens per rank per micro-step) keeping the global batch fixed."""
         accum = self.grad_accum_steps or max(1, 8 // world_size)
@@ -272,7 +270,6 @@ class Hyperparameters:
              f"TRAIN_BATCH_TOKENS ({self.train_batch_tokens}) must be divisible by world_size x GRAD_ACCUM_STEPS x "
              f"TRAIN_SEQ_LEN = {world_size} x {accum} x {self.train_seq_len}")
         return accum, self.train_batch_tokens // (world_size * accum)
-
     def check_tokenizer(self, sp):
         need(sp.vocab_size() == self.vocab_size,
              f"VOCAB_SIZE ({self.vocab_size}) must equal the tokenizer's vocab size {sp.vocab_size()} ({self.tokenizer_path})")
@@ -304,12 +301,10 @@ def check_interrupt():
 class Logger:
     """Rank 0 prints and appends to the log file (console=False: file only; file=False: console only)."""
     writing = False
-
     def __init__(self, path):
         self.path = path
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-
     def __call__(self, message, console=True, file=True):
         if not self.path:
             return
@@ -330,7 +325,6 @@ class Progress:
     def __init__(self, log, label, total, unit, note=None):
         self.log, self.label, self.total, self.unit, self.note = log, label, total, unit, note
         self.done, self.t0, self.t_last = 0, time.perf_counter(), time.perf_counter()
-
     def step(self, n=1):
         check_interrupt()
         self.done += n
@@ -354,16 +348,13 @@ class Run:
         self.output_dir = Path(h.output_dir)
         self.code_bytes = len(Path(__file__).read_bytes())  # the file that runs, which is the file that ships
         self.phase, self.t_start = "start-up", time.perf_counter()
-
     def sync(self):
         if self.is_cuda:
             torch.cuda.synchronize()
-
     def all_reduce(self, tensor, op=None):
         if self.world_size > 1:
             dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
         return tensor
-
     def all_agree(self, ok):
         """True only if every rank says True (one all-reduce, so every rank runs the same collectives)."""
         return self.all_reduce(torch.tensor(float(not ok), device=self.device), dist.ReduceOp.MAX).item() == 0
@@ -413,7 +404,6 @@ class WindowSampler:
         if all(len(t) <= seq_len for t in self.shards):
             raise DataError(f"no training shard holds a {seq_len + 1}-token window ({files[0]} ...); lower TRAIN_SEQ_LEN")
         self.order, self.next = np.zeros(0, dtype=np.int64), 0
-
     def new_epoch(self):
         self.epoch += 1
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -422,10 +412,8 @@ class WindowSampler:
             self.phase = 0
         self.first_window = np.cumsum([0] + self.windows_per_shard(self.phase))
         self.order, self.next = rng.permutation(int(self.first_window[-1])), 0
-
     def windows_per_shard(self, phase):
         return [max((len(t) - 1 - phase) // self.seq_len, 0) for t in self.shards]
-
     def take(self, count, keep=None):
         """The next `count` windows; only those at positions in `keep` (a range; default all) are read."""
         keep = range(count) if keep is None else keep
@@ -446,7 +434,6 @@ class DistributedTokenLoader:
     def __init__(self, files, rank, world_size, device, local_tokens, seq_len, seed, prefetch=2, starts=False):
         self.device, self.ready = device, queue.Queue(maxsize=prefetch)
         rows, sampler = local_tokens // seq_len, WindowSampler(files, seq_len, seed)
-
         def fill():
             try:
                 while True:
@@ -457,7 +444,6 @@ class DistributedTokenLoader:
             except DataError as error:
                 self.ready.put(error)
         threading.Thread(target=fill, daemon=True).start()
-
     def next_batch(self):
         batch = self.ready.get()
         if isinstance(batch, DataError):
@@ -641,7 +627,6 @@ class CausalSelfAttention(nn.Module):
         # sparse output gate: sigmoid(0.5 * W x[:12]) per head, W zero-init (g = 0.5)
         self.attn_gate = nn.Parameter(torch.zeros(h.num_heads, 12)) if h.attn_gate else None
         self.ve_lambda = nn.Parameter(torch.ones(())) if h.ve_dim and layer in h.ve_layers else None
-
     def forward(self, x, attend, ve=None, adapt=None):
         B, T, _ = x.shape
         q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
@@ -668,7 +653,6 @@ class MLP(nn.Module):
         hidden = int(h.mlp_mult * h.model_dim)
         self.fc, self.proj = CastedLinear(h.model_dim, hidden), CastedLinear(hidden, h.model_dim, zero_init=True)
         self.leaky = h.mlp_act == "leaky_relu2"
-
     def forward(self, x):
         x = self.fc(x)
         return self.proj((F.leaky_relu(x, 0.5) if self.leaky else torch.relu(x)).square())
@@ -683,20 +667,16 @@ class Block(nn.Module):
         self.ln_scale = 1.0 / math.sqrt(layer + 1) if h.ln_scale else None  # LN-scale damps deep layers' inputs
         if h.lanes_from is not None and layer >= h.lanes_from:  # two-lane residuals: lane_post[source][lane]
             self.lane_resid, self.lane_post = nn.Parameter(torch.full((2,), 1.1)), nn.Parameter(torch.ones(2, 2))
-
     def norm(self, x):
         return rms_norm(x) if self.ln_scale is None else rms_norm(x) * self.ln_scale
-
     def mlp_out(self, x, adapt):
         x = self.norm(x)
         return self.mlp(x) if adapt is None else self.mlp(x) + adapt("mlp", x)  # TTT's MLP bypass
-
     def forward(self, x, x0, attend, ve=None, adapt=None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x), attend, ve, adapt)
         return x + self.mlp_scale.to(x.dtype) * self.mlp_out(x, adapt)
-
     def forward_lanes(self, a, m, x0, attend, ve=None, adapt=None):
         """Parallel residuals: attention reads lane A (mixed with x0), the MLP reads lane M, both write to both."""
         mix = self.resid_mix.to(a.dtype)
@@ -710,7 +690,6 @@ class SmearGate(nn.Module):
     def __init__(self):
         super().__init__()
         self.smear_w, self.smear_lambda = nn.Parameter(torch.zeros(12)), nn.Parameter(torch.zeros(()))
-
     def forward(self, x, ids):
         gate = torch.sigmoid(x[..., :12] @ self.smear_w.to(x.dtype))[..., None]
         keep = (ids != BOS_ID).to(x.dtype)[..., None]
@@ -724,14 +703,12 @@ class TableEmbedding(nn.Module):
         nn.init.normal_(self.table.weight, std=std)
         self.proj = CastedLinear(dim, out_dim, zero_init=True)
         self.scale = nn.Parameter(torch.tensor(scale))
-
     def bucket_ids(self, ids):
         """Hash of (previous, current); sequence starts and BOS positions (no same-document previous) share the last."""
         hashed = torch.bitwise_xor(36313 * ids, 27191 * F.pad(ids[:, :-1], (1, 0))) % (self.buckets - 1)
         first = torch.zeros_like(ids, dtype=torch.bool)
         first[:, 0] = True
         return torch.where(first | (ids == BOS_ID), self.buckets - 1, hashed)
-
     def forward(self, ids):
         return self.scale * self.proj(self.table(self.bucket_ids(ids) if self.buckets else ids))
 
@@ -760,16 +737,13 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.weight)
             elif isinstance(module, CastedLinear) and h.ortho_init and min(module.weight.shape) >= 64:
                 nn.init.orthogonal_(module.weight)
-
     @property
     def varlen(self):
         """Whether attention takes FA3 varlen document starts (document_starts of the input rows)."""
         return self.doc_isolation and self.use_fa3
-
     def starts_of(self, ids):
         """FA3 document starts of rows built outside the loader (outside the compiled graph), or None."""
         return dynamic_length(document_starts(ids)) if self.varlen else None
-
     def forward_logits(self, input_ids, lora=None, cu_seqlens=None):
         """Logits of every position; `lora` adds test-time adapters (its rows hold one document each: plain causal)."""
         x = self.tok_emb(input_ids).to(activation_dtype(input_ids.device.type))
@@ -799,7 +773,6 @@ class GPT(nn.Module):
         x = self.final_norm(x if lanes is None else 0.5 * (lanes[0] + lanes[1]))
         logits = F.linear(x, self.tok_emb.weight) if lora is None else F.linear(x, self.tok_emb.weight) + lora.head(x)
         return self.logit_softcap * torch.tanh(logits.float() / self.logit_softcap)
-
     def forward(self, input_ids, target_ids, cu_seqlens=None):
         logits = self.forward_logits(input_ids, None, cu_seqlens)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), target_ids.reshape(-1))
@@ -840,7 +813,6 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr, momentum, weight_decay, polar=True, row_norm=True, rank=0, world_size=1):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, polar=polar, row_norm=row_norm))
         self.rank, self.world_size, self.orthogonalize = rank, world_size, orthogonalize
-
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
@@ -879,10 +851,8 @@ class Optimizers:
         self.muon = Muon(groups["matrix"], h.matrix_lr, h.muon_momentum, h.muon_wd, h.muon_ns == "polar", h.muon_row_norm,
                          rank, world_size)
         self.muon.param_groups[0]["base_lr"] = h.matrix_lr
-
     def compile(self):
         self.muon.orthogonalize = torch.compile(orthogonalize, dynamic=False)  # one static graph per matrix shape
-
     def step(self, lr_scale, momentum, weight_decay):
         """One update: every group at base LR x lr_scale, Muon at this momentum and weight decay; then zero the grads."""
         self.muon.param_groups[0].update(momentum=momentum, weight_decay=weight_decay)
@@ -891,10 +861,8 @@ class Optimizers:
                 group["lr"] = group["base_lr"] * lr_scale
             opt.step()
             opt.zero_grad(set_to_none=True)
-
     def state_dict(self):
         return {"adam": self.adam.state_dict(), "muon": self.muon.state_dict()}
-
     def load_state_dict(self, state):
         self.adam.load_state_dict(state["adam"])
         self.muon.load_state_dict(state["muon"])
@@ -925,14 +893,12 @@ class WeightAverager:
     def __init__(self, model, h):
         self.h, self.params, self.ema_start = h, list(model.parameters()), round(2 / (1 - h.ema_decay))
         self.avg = [p.detach().float().clone() for p in self.params] if h.averaging == "ema" else None
-
     @torch.no_grad()
     def update(self, step):
         if self.avg is not None:
             since = step - self.ema_start
             decay = 0 if since < 0 else min(self.h.ema_decay, (1 + since) / (10 + since))
             torch._foreach_lerp_(self.avg, [p.detach().float() for p in self.params], 1 - decay)
-
     @torch.no_grad()
     def apply_to(self, model):
         """Loads the average into `model`; returns what was loaded, in words."""
@@ -1875,7 +1841,6 @@ class Data:
             log(f"train_loader:dataset:{Path(h.data_path).name} train_shards:{len(self.train_files)}")
             self.val_tokens, self.luts = self.validation(run)
             log(f"val_loader:shards pattern={val_pattern} tokens:{self.val_tokens.numel() - 1}")
-
     def validation(self, run):
         """(validation tokens, what each target is charged: the sidecar's counts, else the piece tables), from disk."""
         _, tokens = load_validation_tokens(run.h.data_path, run.h.eval_seq_len)
