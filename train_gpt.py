@@ -1006,8 +1006,8 @@ def export_plan(name, tensor, h):
     return None
 
 def gptq_quantize(w, hessian, scale, bits, damp=0.01, block=128):
-    """Full-Hessian GPTQ: columns in order of decreasing H_ii, each rounding error pushed onto the later columns through
-    the Cholesky factor of H^-1. Integer codes (as float); LinAlgError when H + damping is not positive definite."""
+    """Full-Hessian GPTQ: columns by decreasing H_ii, each rounding error pushed onto the later ones through the Cholesky
+    factor of H^-1. LinAlgError when H + damping is not positive definite."""
     qmax = 2 ** (bits - 1) - 1
     w, H = w.float().clone(), hessian.float().clone()
     dead = torch.diag(H) == 0
@@ -1028,10 +1028,10 @@ def gptq_quantize(w, hessian, scale, bits, damp=0.01, block=128):
     return codes[:, torch.argsort(order)]
 
 GPTQ_DAMPING = (0.01, 0.1, 1.0)  # x mean(diag H): GPTQ's usual, then x10 and x100 while the Cholesky fails
+LQER_GROUP = 64  # LQER's B has one scale per this many values
 
 def quantize_tensor(w, bits, clip_k, h, hessian=None, lqer_rank=0):
-    """(entry, note): {"codes", "scale", "bits"} of a matrix, by GPTQ given a Hessian (else, or if every damping
-    fails, by rounding; the note says what gave way); with lqer_rank, plus LQER factors where they cut the error."""
+    """(entry, note): {"codes", "scale", "bits"} by GPTQ given a Hessian, else (or if every damping fails) by rounding."""
     w = w.detach().float()
     scale, codes, note = sdclip_scales(w, bits, clip_k), None, None
     for damp in GPTQ_DAMPING if hessian is not None else ():
@@ -1043,17 +1043,14 @@ def quantize_tensor(w, bits, clip_k, h, hessian=None, lqer_rank=0):
             note = "Cholesky failed at every damping; rounded instead of GPTQ"
     codes = quantize_rows(w, scale, bits) if codes is None else codes
     entry = {"codes": codes.to(torch.int8).cpu(), "scale": scale.half().cpu(), "bits": bits}
-    if lqer_rank:  # int2 x int4 factors can add more error than they remove
+    if lqer_rank:  # LQER factors only where they cut the error: int2 x int4 factors can add more than they remove
         error = w.cpu() - dequantize_entry(entry)
         factors = lqer_factors(error, lqer_rank)
         entry.update(factors if (error - lqer_product(factors)).norm() < error.norm() else {})
     return entry, note
 
-LQER_GROUP = 64  # LQER's B has one scale per this many values
-
 def lqer_factors(error, rank):
-    """LQER: the rank-`rank` SVD of a quantization error E ~ A B, A rounded to int2 {-2..1} on one scale, B to int4
-    {-8..7} with a scale per LQER_GROUP values: a few kB buy back the largest errors."""
+    """LQER: a quantization error E ~ A B (its rank-`rank` SVD), A in int2, B in int4: a few kB buy back the largest errors."""
     U, S, Vh = torch.linalg.svd(error.float(), full_matrices=False)
     A, B = U[:, :rank] * S[:rank], Vh[:rank].reshape(-1, LQER_GROUP)
     a_scale, b_scale = (A.abs().amax() / 1.5).clamp_min(1e-8).half().view(1), (B.abs().amax(1) / 7.5).clamp_min(1e-8).half()
@@ -1074,13 +1071,17 @@ def dequantize_entry(e):
 def dequantize_state(qstate):
     return {name: dequantize_entry(e) for name, e in qstate.items()}
 
+def balance(costs, bins):
+    """{key: bin}: the costliest key first, each to the least loaded bin."""
+    load, owner = [0] * bins, {}
+    for key in sorted(costs, key=lambda k: -costs[k]):
+        owner[key] = load.index(min(load))
+        load[owner[key]] += costs[key]
+    return owner
+
 def on_ranks(fn, costs, rank=0, world_size=1, log=None, label=None):
-    """{name: fn(name)} for each name of `costs`, computed on one rank (largest cost first, to the least-loaded rank)
-    and sent to all, so that every rank takes the same branches afterwards. With a label, logs progress."""
-    load, owner = [0] * world_size, {}
-    for name in sorted(costs, key=lambda n: -costs[n]):
-        owner[name] = load.index(min(load))
-        load[owner[name]] += costs[name]
+    """{name: fn(name)} for each name of `costs`, computed on one rank and sent to all (so all take the same branches)."""
+    owner = balance(costs, world_size)
     mine = [n for n in costs if owner[n] == rank]
     progress, done = Progress(log, label, len(mine), "tensors") if log and label else None, {}
     for n in mine:
@@ -1093,11 +1094,9 @@ def on_ranks(fn, costs, rank=0, world_size=1, log=None, label=None):
     merged = {n: v for part in parts for n, v in part.items()}
     return {n: merged[n] for n in costs}
 
-# The artifact: MAGIC | u32 header length | JSON header | frames. Frame 0 holds every 16-bit value (row scales,
-# LQER scales, passthrough tensors), then each quantized tensor has a frame of int8 codes (and one of LQER codes):
-# the file size is a sum of independent frame sizes, and frames compress in parallel. The header names each
-# frame's method: zstd or lzma, whichever is smaller, on the bytes as they are or byte-shuffled.
-
+# The artifact: MAGIC | u32 header length | JSON header | frames. Frame 0 holds every 16-bit value (row scales, LQER
+# scales, passthrough tensors), then each quantized tensor has a frame of int8 codes (and one of LQER codes): the size
+# is a sum of independent frame sizes, and frames compress in parallel. The header names each frame's compression.
 ARTIFACT_MAGIC = b"PGQ3"
 LZMA_PRESET = 9 | lzma.PRESET_EXTREME
 
@@ -1115,9 +1114,9 @@ def zstd_compress(data, level, min_match=None):
     params = zstandard.ZstdCompressionParameters.from_level(level, **({"min_match": min_match} if min_match else {}))
     return zstandard.ZstdCompressor(compression_params=params).compress(data)
 
-def compress_frame(data, level, codes, shuffle=False):
-    """(method, frame): the smallest of zstd and lzma on the data as is (shuffle False), byte-shuffled (True) or both."""
-    variants = ([("", data)] if shuffle is not True else []) + ([("+shuffle", byte_shuffle(data))] if shuffle is not False else [])
+def compress_frame(data, level, codes):
+    """(method, frame): the smaller of zstd and lzma, on int8 codes as they are, on 16-bit values also byte-shuffled."""
+    variants = [("", data)] + ([] if codes else [("+shuffle", byte_shuffle(data))])
     return min([(f"zstd{suffix}", zstd_compress(raw, level, 6 if codes else None)) for suffix, raw in variants]
                + [(f"lzma{suffix}", lzma.compress(raw, preset=LZMA_PRESET)) for suffix, raw in variants], key=lambda c: len(c[1]))
 
@@ -1129,8 +1128,7 @@ def lqer_frame(e, h):
     return compress_frame(e["lqer_a"].numpy().tobytes() + e["lqer_b"].numpy().tobytes(), h.zstd_level, True)
 
 def lqer_bytes(e, frame):
-    """Bytes of a tensor's LQER factors: their code frame and their 16-bit scales (A's one, B's per group)."""
-    return len(frame[1]) + 2 * (1 + e["lqer_b_scale"].numel())
+    return len(frame[1]) + 2 * (1 + e["lqer_b_scale"].numel())  # the code frame, A's scale and B's
 
 def code_frames(name, e, h):
     """{name: (method, frame)} of a quantized tensor's codes, and {name + "/lqer": ...} of its LQER codes (A then B)."""
@@ -1140,16 +1138,10 @@ def code_frames(name, e, h):
 def sixteen_bit_frame(qstate, h):
     halves = [t.numpy().tobytes() for e in qstate.values() for t in
               ([e["scale"]] + ([e["lqer_a_scale"], e["lqer_b_scale"]] if "lqer_a" in e else []) if "codes" in e else [e["raw"]])]
-    return compress_frame(b"".join(halves), h.zstd_level, False, None)
-
-def tensor_bytes(name, qstate, frames):
-    """A quantized tensor's bytes beyond its row scales: its code frame, and its LQER frame and 16-bit scales."""
-    e = qstate[name]
-    return len(frames[name][1]) + (lqer_bytes(e, frames[name + "/lqer"]) if "lqer_a" in e else 0)
+    return compress_frame(b"".join(halves), h.zstd_level, False)
 
 def serialize_quantized(qstate, frames, half_frame):
-    """The artifact of a quantized state, its code frames and 16-bit frame; a header entry [name, shape, bits] gains
-    the tensor's LQER rank when it has one."""
+    """The artifact; a header entry [name, shape, bits] gains the tensor's LQER rank when it has one."""
     tensors = [[name, list((e["codes"] if "codes" in e else e["raw"]).shape), e.get("bits", 16)]
                + ([e["lqer_a"].size(1)] if "lqer_a" in e else []) for name, e in qstate.items()]
     order = [half_frame] + [frames[key] for name, e in qstate.items() if "codes" in e
@@ -1183,8 +1175,7 @@ def deserialize_quantized(blob):
     return out
 
 def estimate_model_bytes(state, h):
-    """Compressed size at b - log2(k) + 0.5*log2(pi*e/2) bits per quantized weight (Gaussian SDClip), 2 bytes per
-    row scale and per passthrough value."""
+    """Size at b - log2(k) + 0.5*log2(pi*e/2) bits per quantized weight (Gaussian SDClip), 16 per row scale or fp16 value."""
     bits = 0.0
     for name, t in state.items():
         plan = export_plan(name, t, h)
@@ -1192,28 +1183,22 @@ def estimate_model_bytes(state, h):
         bits += t.numel() * per_weight + 16 * t.size(0) if plan else 16 * t.numel()
     return int(bits / 8)
 
-# Spending the budget: every quantized tensor has a ladder of grids, quarter-bit steps of the quantization step
-# around its default; the LQER_TOP_K tensors of largest error also have each grid plus LQER factors. Cheap trials
-# rate each rung by its codes' entropy (scaled to the default's exact compressed size) and its Hessian-weighted
-# error; a Lagrange multiplier then picks one rung per tensor so that the total lands just under the cap, and
-# only the chosen grids get GPTQ and a real compression.
-
+# Spending the budget: each quantized tensor has a ladder of grids, quarter-bit steps around its default; the
+# LQER_TOP_K tensors of largest error also have each grid plus LQER. Cheap trials rate each rung by its codes' entropy
+# (scaled to the default's exact compressed size) and its Hessian-weighted error; a Lagrange multiplier picks one rung
+# per tensor so that the total lands just under the cap, and only the chosen grids get GPTQ and a real compression.
 LADDER_STEPS = range(-8, 13)  # quantization step x 2^(-j/4): j > 0 is finer
 DEFAULT_RUNG = LADDER_STEPS.index(0)
 TARGET_SLACK = 10_000  # aim this far under the cap: the exact sizes after GPTQ differ a little from the trials
 
 def grid_ladder(bits, clip_k):
-    """[(bits, clip_k, LQER rank 0)] from coarsest to finest, the clip range at least the default's (up to int8)."""
-    step, rungs = clip_k / (2 ** (bits - 1) - 1), []
-    for j in LADDER_STEPS:
-        s = step * 2 ** (-j / 4)
-        b = next((b for b in range(2, 9) if (2 ** (b - 1) - 1) * s >= clip_k - 1e-9), 8)
-        rungs.append((b, (2 ** (b - 1) - 1) * s, 0))
-    return rungs
+    """[(bits, clip_k, LQER rank 0)] from coarsest to finest, on the fewest bits (up to 8) covering the default clip."""
+    steps = [clip_k / (2 ** (bits - 1) - 1) * 2 ** (-j / 4) for j in LADDER_STEPS]
+    widths = [next((b for b in range(2, 9) if (2 ** (b - 1) - 1) * s >= clip_k - 1e-9), 8) for s in steps]
+    return [(b, (2 ** (b - 1) - 1) * s, 0) for b, s in zip(widths, steps)]
 
 def rung_trials(w, hdiag, rungs, h, lqer=False):
-    """[(bytes, weighted squared error)] of rounding `w` to each rung's grid, the bytes at the codes' entropy; with
-    lqer, the bytes of LQER factors that correct the rounding, and the error they leave."""
+    """[(bytes at the codes' entropy, weighted squared error)] of rounding to each rung; with lqer, of LQER's correction."""
     w, out = w.detach().float(), []
     for bits, clip_k, _ in rungs:
         scale = sdclip_scales(w, bits, clip_k)
@@ -1229,20 +1214,18 @@ def rung_trials(w, hdiag, rungs, h, lqer=False):
     return out
 
 def error_weights(name, state, hessians):
-    """Per-column weights of a squared rounding error in one unit (squared output error per token): a linear's input
-    Hessian diagonal (or ones); a table's, 1/rows (tokens per row) x the mean squared gain of its scaled projection."""
+    """Per-column weights of a squared rounding error, in squared output error per token (a linear's: H's diagonal)."""
     if hessians and name in hessians:
         return torch.diagonal(hessians[name]).float().cpu().clamp_min(0)
     rows, cols = state[name].shape
     if not name.endswith("table.weight"):
         return torch.ones(cols)
-    prefix = name[:-len("table.weight")]
+    prefix = name[:-len("table.weight")]  # a table's row reaches 1/rows of the tokens through its scaled projection
     gain = state[prefix + "scale"].float() ** 2 * state[prefix + "proj.weight"].float().square().sum() / cols
     return torch.full((cols,), float(gain) / rows)
 
 def pick_rungs(trials, budget):
-    """{name: rung} of least total error within `budget` bytes: a Lagrange multiplier found by bisection, then the
-    bytes left spent on the upgrades that remove the most error per byte."""
+    """{name: rung} of least total error within `budget`: the multiplier by bisection, then the best upgrades per byte."""
     def choose(lam):
         return {n: min(range(len(t)), key=lambda i: t[i][1] + lam * t[i][0]) for n, t in trials.items()}
     def size(choice):
@@ -1264,9 +1247,7 @@ def pick_rungs(trials, budget):
         choice[n] = j
 
 class Export:
-    """One export in progress: each quantized tensor's ladder of grids and current rung, the quantized state and
-    its frames, and the artifact of the current grids with its exact total bytes (code included)."""
-
+    """One export in progress: each quantized tensor's ladder and rung, the quantized state, its frames and artifact."""
     def __init__(self, state, h, code_bytes, hessians, log, rank, world_size):
         self.state, self.h, self.code_bytes, self.hessians, self.log = state, h, code_bytes, hessians or {}, log
         self.ranks, self.frames, self.notes = (rank, world_size), {}, []
@@ -1276,10 +1257,8 @@ class Export:
         self.ladders = {n: grid_ladder(*plans[n]) for n in self.quantized}
         self.rungs = {n: DEFAULT_RUNG for n in self.quantized}
         self.regrid(self.quantized)
-
     def regrid(self, names):
-        """GPTQ (or rounding) and compression of `names` at their current rungs, on the ranks in parallel; then the
-        artifact again, in the state's order (which the loader expects)."""
+        """GPTQ (or rounding) and compression of `names` on their current rungs; then the artifact and its total bytes."""
         def quantize(n):
             bits, clip_k, lqer_rank = self.ladders[n][self.rungs[n]]
             entry, note = quantize_tensor(self.state[n], bits, clip_k, self.h, self.hessians.get(n), lqer_rank)
@@ -1289,14 +1268,16 @@ class Export:
             self.qstate[n] = entry
             self.frames.update(frames)
             self.notes += [f"{n}: {note}"] if note else []
-        self.qstate = {n: self.qstate[n] for n in self.state}
+        self.qstate = {n: self.qstate[n] for n in self.state}  # the state's order, which the loader expects
         self.half_frame = sixteen_bit_frame(self.qstate, self.h)
         self.blob = serialize_quantized(self.qstate, self.frames, self.half_frame)
         self.total = self.code_bytes + len(self.blob)
-
+    def tensor_bytes(self, n):
+        """A quantized tensor's bytes beyond its row scales: its code frame, and its LQER frame and scales."""
+        e = self.qstate[n]
+        return len(self.frames[n][1]) + (lqer_bytes(e, self.frames[n + "/lqer"]) if "lqer_a" in e else 0)
     def rate_rungs(self):
-        """{name: [(bytes, error)] per rung}, the entropy estimates scaled to each tensor's exact size on its default
-        grid; the LQER_TOP_K tensors of largest error gain each grid again with LQER."""
+        """{name: [(bytes, error)] per rung}; the LQER_TOP_K tensors of largest error gain each rung again with LQER."""
         h, state, ladders, movable = self.h, self.state, self.ladders, self.quantized
         rate = lambda n, lqer=False: rung_trials(state[n].cpu(), error_weights(n, state, self.hessians), ladders[n], h, lqer)  # noqa: E731
         trials = on_ranks(rate, {n: state[n].numel() for n in movable}, *self.ranks)
@@ -1309,14 +1290,12 @@ class Export:
             trials[n] += [(b + x, e) for (b, _), (x, e) in zip(trials[n], twins)]
             ladders[n] = ladders[n] + [(bits, k, h.lqer_rank) for bits, k, _ in ladders[n]]
         return trials
-
     def fit(self):
-        """Move grids until the total lands just under the cap (with BUDGET_FILL, within 50 kB of it): pick rungs for
-        the budget, regrid what changed, measure, and steer the next attempt by this one's miss."""
+        """Move grids until the total lands just under the cap (BUDGET_FILL: within 50 kB), each try steered by the last."""
         h, cap, trials, movable = self.h, self.h.artifact_cap_bytes, self.rate_rungs(), self.quantized
         aim = cap - TARGET_SLACK
         for attempt in range(6):
-            others = self.total - sum(tensor_bytes(n, self.qstate, self.frames) for n in movable)
+            others = self.total - sum(self.tensor_bytes(n) for n in movable)
             budget = aim - others if h.budget_fill else min(aim - others, sum(trials[n][DEFAULT_RUNG][0] for n in movable))
             chosen = pick_rungs(trials, budget)
             changed = [n for n in movable if chosen[n] != self.rungs[n]]
@@ -1325,12 +1304,11 @@ class Export:
             self.rungs.update(chosen)
             self.regrid(changed)
             for n in changed:  # the exact size replaces the estimate of the chosen rung
-                trials[n][self.rungs[n]] = (tensor_bytes(n, self.qstate, self.frames), trials[n][self.rungs[n]][1])
+                trials[n][self.rungs[n]] = (self.tensor_bytes(n), trials[n][self.rungs[n]][1])
             self.log(f"artifact_fit: attempt {attempt + 1}: {len(changed)} tensors regridded, total {self.total} bytes (cap {cap})")
             if self.total <= cap and (self.total >= cap - TARGET_SLACK - 40_000 or not h.budget_fill):
                 return
             aim += cap - TARGET_SLACK - self.total
-
     def report(self, seconds):
         grids = [f"int{bits}/k{clip_k:.1f}" for bits, clip_k, _ in (self.ladders[n][self.rungs[n]] for n in self.quantized)]
         methods = [self.half_frame[0]] + [self.frames[n][0] for n in self.quantized]
@@ -1339,8 +1317,7 @@ class Export:
                 "lqer": sorted(n for n in self.quantized if "lqer_a" in self.qstate[n])}
 
 def export_artifact(state, h, code_bytes, hessians=None, log=print, rank=0, world_size=1):
-    """(blob, qstate, report): each tensor quantized on the grid that lands code + model just under ARTIFACT_CAP_BYTES
-    (BUDGET_FILL: also spending what is left), compressed and measured exactly. Raises rather than exceed the cap."""
+    """(blob, qstate, report): code + model just under ARTIFACT_CAP_BYTES, measured exactly; raises rather than exceed it."""
     t0, cap = time.perf_counter(), h.artifact_cap_bytes
     export = Export(state, h, code_bytes, hessians, log, rank, world_size)
     if export.quantized and (export.total > cap or (h.budget_fill and export.total < cap - TARGET_SLACK) or h.lqer_top_k):
@@ -1351,10 +1328,9 @@ def export_artifact(state, h, code_bytes, hessians=None, log=print, rank=0, worl
 
 @torch.no_grad()
 def collect_hessians(model, batches, h, autocast):
-    """H = X^T X / rows (fp32, outside autocast) of each exported linear's input, every pass of a looped layer adding
-    (c_k, c_v share c_q's), and of the final-norm output for the tied embedding; the mean over batches and ranks."""
+    """X^T X / rows (fp32) of each exported linear's input (tied embedding: the final norm's); the mean of batches and ranks."""
     hessians, hooks, shared, n = {}, [], {}, 0
-    def accumulate(key):
+    def accumulate(key):  # every pass of a looped layer adds
         def hook(module, inputs, output):
             x = (inputs[0] if isinstance(module, CastedLinear) else output).detach()
             x = x.reshape(-1, x.size(-1)).float()
@@ -1364,7 +1340,7 @@ def collect_hessians(model, batches, h, autocast):
         return hook
     for name, module in model.named_modules():
         if isinstance(module, CastedLinear) and name.startswith("blocks.") and export_plan(name + ".weight", module.weight, h):
-            if name.endswith((".attn.c_k", ".attn.c_v")):
+            if name.endswith((".attn.c_k", ".attn.c_v")):  # same input as c_q
                 shared[name + ".weight"] = name.rsplit(".", 1)[0] + ".c_q.weight"
             else:
                 hooks.append(module.register_forward_hook(accumulate(name + ".weight")))
