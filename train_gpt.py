@@ -1372,10 +1372,8 @@ def token_nll(logits, targets):
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view(targets.shape)
 
 class Scorer:
-    """Exact float64 sums of nll, targets and bytes over the stream; with `record`, every target's nll, bytes and
-    scoring batch (DUMP_NLL) and how often it was scored. Target t predicts token t+1. `luts`: the piece tables
-    (build_byte_luts) or a byte sidecar's counts, of which target t is charged count t+1 (the token it predicts)."""
-
+    """Exact float64 sums of nll, targets and bytes; with `record` (DUMP_NLL), each target's nll, bytes, batch, times scored.
+    Target t predicts token t+1 and is charged its bytes: by the piece tables (build_byte_luts) or a sidecar's count t+1."""
     def __init__(self, tokens, luts, record=False):
         device = luts.device if torch.is_tensor(luts) else luts[0].device
         self.tokens, self.luts, self.n = tokens.to(device), luts, tokens.numel() - 1
@@ -1384,12 +1382,10 @@ class Scorer:
         if record:
             self.nll, self.bytes, self.order, self.times = (torch.zeros(self.n, dtype=dt, device=device)
                                                             for dt in (torch.float64, torch.int32, torch.int64, torch.int32))
-
     def add(self, nll, targets, scored):
         """Record the (detached) nll of the `scored` entries of `targets` (global target indices, any shape)."""
         t = targets.clamp(0, self.n - 1)
-        x, y = self.tokens[t], self.tokens[t + 1]
-        nbytes = self.luts[t + 1] if torch.is_tensor(self.luts) else target_bytes(self.luts, x, y)
+        nbytes = self.luts[t + 1] if torch.is_tensor(self.luts) else target_bytes(self.luts, self.tokens[t], self.tokens[t + 1])
         self.sums += torch.stack([(nll.detach().double() * scored).sum(), scored.sum().double(), (nbytes * scored).sum().double()])
         if self.record:
             keep = t[scored]
@@ -1398,7 +1394,6 @@ class Scorer:
             self.order[keep] = self.batches
             self.times.index_put_((keep,), torch.ones_like(keep, dtype=torch.int32), accumulate=True)
         self.batches += 1
-
     def result(self, world_size=1):
         """val_loss and val_bpb (all ranks' sums); raises unless every target was scored exactly once."""
         if world_size > 1:
@@ -1410,17 +1405,15 @@ class Scorer:
             raise RuntimeError(f"evaluation scored {int(self.sums[1])} targets, expected each of {self.n} exactly once")
         nll, count, nbytes = self.sums.tolist()
         return {"val_loss": nll / count, "val_bpb": nll / (math.log(2) * nbytes), "tokens": int(count), "bytes": int(nbytes)}
-
     def dump(self, path):
         np.savez(path, nll=self.nll.cpu().numpy(), bytes=self.bytes.cpu().numpy(), order=self.order.cpu().numpy())
 
 @torch.no_grad()
 def score_windows(logits_fn, scorer, starts, seq_len, stride, batch_seqs, progress=None):
     """Score the windows beginning at `starts`: each scores its last `stride` targets (the first window, all)."""
-    n, device = scorer.n, scorer.sums.device
-    pos = torch.arange(seq_len, device=device)
+    n, pos = scorer.n, torch.arange(seq_len, device=scorer.sums.device)
     for b in range(0, len(starts), batch_seqs):
-        ws = starts[b:b + batch_seqs].to(device)
+        ws = starts[b:b + batch_seqs].to(pos.device)
         ws = F.pad(ws, (0, batch_seqs - len(ws)), value=n)  # padded windows score nothing; shapes stay fixed
         idx = ws[:, None] + pos
         scored = (idx < n) & (pos >= torch.where(ws == 0, 0, seq_len - stride)[:, None])
@@ -1429,35 +1422,28 @@ def score_windows(logits_fn, scorer, starts, seq_len, stride, batch_seqs, progre
         if progress:
             progress.step(min(batch_seqs, len(starts) - b))
 
-def rank_slice(items, rank, world_size):
-    """This rank's contiguous share of `items` (windows in stream order), the shares as even as they can be."""
-    return items[len(items) * rank // world_size:len(items) * (rank + 1) // world_size]
-
 def evaluate(logits_fn, tokens, luts, seq_len, stride, batch_seqs, rank=0, world_size=1, log=None, label="eval", scorer=None):
-    """Exact val_loss (nats/token) and val_bpb over every target of `tokens`: windows split contiguously over
-    ranks, float64 sums all-reduced. stride == seq_len gives non-overlapping windows."""
+    """Exact val_loss (nats/token) and val_bpb of `tokens`, each rank scoring a contiguous share of the windows."""
     scorer = scorer or Scorer(tokens, luts)
-    mine = rank_slice(window_starts(scorer.n, seq_len, stride), rank, world_size)
+    starts = window_starts(scorer.n, seq_len, stride)
+    mine = starts[len(starts) * rank // world_size:len(starts) * (rank + 1) // world_size]
     score_windows(logits_fn, scorer, mine, seq_len, stride, batch_seqs, Progress(log, label, len(mine), "windows"))
     return scorer.result(world_size)
 
 def make_logits_fn(model, compile_model, autocast):
-    """Inference logits (no_grad, autocast), compiled to one graph for the warm-up and every batch (the FA3
-    document starts, computed outside it, have a dynamic size)."""
+    """Inference logits, compiled to one graph (the FA3 document starts, of dynamic size, are computed outside it)."""
     fn = torch.compile(model.forward_logits, dynamic=False, fullgraph=True) if compile_model else model.forward_logits
-
     @torch.no_grad()
     def logits(x):
         with autocast:
             return fn(x, None, model.starts_of(x))
     return logits
 
-# Test-time training runs the model's own forward. A budget decides, unit by unit, whether adapting fits in
-# TTT_BUDGET_SECONDS of eval clock; every target is scored either way.
-# Prior seconds per unit of work on one H100, from the records' logs, until the run measures its own: LoRA TTT 1.33 us
-# per token pass (a row position, forward and backward), 15.7 ms per chunk step, 33 ms per batch (04-13); a phase's
-# full-model SGD 0.12 s per 32,768-token chunk on 8 ranks = 29 us per token per rank (04-27). Scoring a LoRA batch
-# without updates is taken as half of adapting it until measured.
+# Test-time training runs the model's own forward. A budget decides, unit by unit, whether adapting fits in the eval
+# clock: only if the clock now, plus that unit adapted, plus everything after it scored without updates, stays within
+# TTT_BUDGET_SECONDS; every target is scored either way. Until the run measures its own, a unit costs what it did on one
+# H100 in the records' logs: LoRA TTT (04-13) per token pass (a row position, forward and backward), chunk step and
+# batch, scoring without updates half of that; a phase's SGD (04-27: 0.12 s per 32,768-token chunk on 8 ranks).
 TTT_PRIOR = {"token_pass": 1.33e-6, "chunk_step": 15.7e-3, "batch": 33e-3, "score_pass": 0.67e-6, "score_step": 7.9e-3,
              "sgd_token": 29e-6}
 TTT_MARGIN = 0.03  # share of the projected remaining work kept in hand against the cost model's error
@@ -1466,101 +1452,71 @@ TTT_LANES = 8  # warm-A chains: the records' 8 ranks; every world size dividing 
 
 class Work(dict):
     """Units of work by kind ({"token_pass": n, ...}); adds like a vector."""
-
     def __add__(self, other):
         return Work({k: self.get(k, 0) + other.get(k, 0) for k in {*self, *other}})
 
 class CostModel:
-    """Seconds for a Work: each kind's prior cost times its group's factor (LoRA adapting, LoRA scoring, phase SGD),
-    fitted to measured times by least squares pulled towards one common scale (worth half an observation):
-    a group never measured keeps its prior ratio to the others, and within a group the prior's proportions stay, so
-    one odd measurement cannot swing a single kind's cost by orders of magnitude."""
-
+    """Seconds for a Work: each kind's prior cost times its group's factor (LoRA adapting, LoRA scoring, phase SGD; one odd
+    kind cannot swing alone), least squares pulled to one common scale: a group never measured keeps its prior ratio."""
     GROUPS = {"token_pass": 0, "chunk_step": 0, "batch": 0, "score_pass": 1, "score_step": 1, "sgd_token": 2}
-
     def __init__(self, prior=None):
-        self.prior, k = dict(prior or TTT_PRIOR), 3
-        self.zz, self.zy, self.z2, self.z_sum, self.y_sum, self.n = np.zeros((k, k)), np.zeros(k), np.zeros(k), 0.0, 0.0, 0
-        self.factors, self.errors = np.ones(k), []
-
+        self.prior, self.factors, self.errors = dict(prior or TTT_PRIOR), np.ones(3), []
+        self.zz, self.zy, self.z_sum, self.y_sum, self.n = np.zeros((3, 3)), np.zeros(3), 0.0, 0.0, 0
     def error(self):
         """The largest relative error of the last 8 predictions, before each was measured (0 before any)."""
         return min(max(self.errors, default=0.0), 1.0)
-
     def features(self, work):
         z = np.zeros(len(self.factors))
         for kind, count in work.items():
             z[self.GROUPS[kind]] += self.prior[kind] * count
         return z
-
     def seconds(self, work):
         return float(self.factors @ self.features(work))
-
     def observe(self, work, seconds):
         z = self.features(work)
         self.errors = (self.errors + [abs(seconds - self.seconds(work)) / max(self.seconds(work), 1e-9)])[-8:]
-        self.zz += np.outer(z, z)
-        self.zy += z * seconds
-        self.z2, self.z_sum, self.y_sum, self.n = self.z2 + z * z, self.z_sum + z.sum(), self.y_sum + seconds, self.n + 1
+        self.zz, self.zy, self.n = self.zz + np.outer(z, z), self.zy + z * seconds, self.n + 1
+        self.z_sum, self.y_sum = self.z_sum + z.sum(), self.y_sum + seconds
         scale = self.y_sum / max(self.z_sum, 1e-12)
-        pull = 0.5 * self.z2 / self.n + 1e-24
+        pull = 0.5 * np.diag(self.zz) / self.n + 1e-24  # the common scale is worth half an observation
         self.factors = np.clip(np.linalg.solve(self.zz + np.diag(pull), self.zy + pull * scale), 0.05 * scale, None)
 
 class TTTBudget:
-    """The eval clock (from opening the artifact) and what the rest will cost: a unit is adapted only if the clock
-    now, plus that unit adapted, plus everything after it scored without updates, stays within TTT_BUDGET_SECONDS.
-    Each piece of work is timed and refits the cost model; `clock` and `sync` are fakes in the planner."""
-
+    """The eval clock (from opening the artifact) and the cost model, refitted as each piece of work is timed."""
     def __init__(self, limit, t_eval, clock=time.perf_counter, sync=lambda: None, prior=None):
         self.limit, self.t_eval, self.clock, self.sync, self.cost = limit, t_eval, clock, sync, CostModel(prior)
         self.outlook, self.mark = "", clock()
-
     def now(self):
         return self.clock() - self.t_eval
-
     def projected(self, *works):
         return self.now() + sum(self.cost.seconds(w) for w in works)
-
     def fits(self, unit, *rest):
-        """Within the limit with margins for the model's error: the next unit's estimate grows by the recent
-        prediction error (its mix of work may be new), the rest's (errors average out over many units) by TTT_MARGIN,
-        and one check interval stays in hand (a stop can come that late)."""
+        """The unit's estimate grows by the recent prediction error (its mix may be new), the rest's (errors average out)
+        by TTT_MARGIN, and one check interval is kept in hand (a stop can come that late)."""
         seconds = (1 + max(TTT_MARGIN, self.cost.error())) * self.cost.seconds(unit) + TTT_CHECK_SECONDS
         return self.now() + seconds + (1 + TTT_MARGIN) * sum(self.cost.seconds(w) for w in rest) <= self.limit
-
     def restart(self):
         self.mark = self.clock()
-
     def measure(self, work):
-        """The time since the last restart/measure was the cost of `work`."""
+        """The time since the last restart or measure was the cost of `work`."""
         self.sync()
         t = self.clock()
         self.cost.observe(work, t - self.mark)
         self.mark = t
-
-    def timed(self, work, fn):
-        self.restart()
-        fn()
-        self.measure(work)
-
     def note(self, rest_adapt, rest_score):
-        """The progress lines' view: the eval clock now and at the end, adapting the rest or only scoring it."""
         self.outlook = (f"eval clock {self.now():.0f}s; projected {self.projected(rest_adapt):.0f}s adapting the rest, "
                         f"{self.projected(rest_score):.0f}s scoring it (budget {self.limit:.0f}s)")
 
 def document_spans(tokens):
-    """[(first target, number of targets)] per document: a document runs from its BOS to the next BOS (whose
-    prediction is its last target)."""
+    """[(first target, number of targets)] per document: from its BOS to the next, whose prediction is its last target."""
     starts = torch.nonzero(tokens[:-1] == BOS_ID).flatten().tolist()
     starts = ([0] if not starts or starts[0] != 0 else []) + starts
     ends = starts[1:] + [tokens.numel() - 1]
     return [(s, e - s) for s, e in zip(starts, ends) if e > s]
 
 class BatchShape:
-    """One LoRA batch (document lengths, longest first) as score_documents runs it, chunk by chunk: rows computed
-    (the active documents) and window width, at least 2 and 3 so the compiled graph never meets a size-1 dimension
-    (which would specialise and recompile; the smear and bigram shift by one); the Work of any range of chunks."""
-
+    """One LoRA batch (lengths, longest first) chunk by chunk as score_documents runs it: rows (active documents) and width,
+    at least 2 and 3 so the compiled graph never meets a size-1 dimension (it would recompile); the Work of chunk ranges."""
     def __init__(self, lengths, h):
         n, C = np.asarray(lengths), h.ttt_chunk
         chunks = np.arange(-(-int(n[0]) // C))
@@ -1568,22 +1524,15 @@ class BatchShape:
         self.rows = np.maximum((n[None, :] > chunks[:, None] * C).sum(1), 2)
         self.widths = np.maximum(np.minimum(np.minimum(n[0], (chunks + 1) * C), h.eval_seq_len), 3)
         self.passes = self.rows * self.widths
-
     def work(self, adapt, start=0, stop=None):
         stop = self.chunks if stop is None else stop
         kinds = ("token_pass", "chunk_step") if adapt else ("score_pass", "score_step")
         return Work({kinds[0]: int(self.passes[start:stop].sum()), kinds[1]: stop - start, "batch": int(start == 0)})
 
-    def targets_before(self, chunk):
-        """Targets scored in chunks before `chunk` (those scored by an adapting batch, if it stopped there)."""
-        return int(np.minimum(self.lengths, chunk * self.C).sum())
-
 class TTTPlan:
-    """LoRA TTT's schedule, fixed by document lengths alone: documents longest first, TTT_BATCH_DOCS to a batch;
-    TTT_PHASES cut the queue into segments (a phase trains on the first D documents once all are scored); each
-    segment's batches go to the lanes, largest prior cost to the least loaded. A lane is one warm-A chain, run by rank
-    lane % world_size: ranks are balanced and scores do not depend on the world size (when it divides TTT_LANES)."""
-
+    """LoRA TTT's schedule from document lengths alone: documents longest first, TTT_BATCH_DOCS to a batch; segments end
+    where a phase trains on the first D documents (TTT_PHASES), their batches balanced over the lanes (warm-A chains).
+    Rank r runs lanes r, r + world_size, ...: scores do not depend on the world size (when it divides TTT_LANES)."""
     def __init__(self, docs, h, world_size):
         order = sorted(docs, key=lambda d: (-d[1], d[0]))
         B, prior = h.ttt_batch_docs, CostModel()
@@ -1595,22 +1544,16 @@ class TTTPlan:
         cuts = [0] + [-(-d // B) for d in counts] + [len(batches)]
         self.segments = []
         for a, b in zip(cuts, cuts[1:]):
-            lanes, load = [[] for _ in range(self.lanes)], [0.0] * self.lanes
-            for j in sorted(range(a, b), key=lambda j: -cost[j]):
-                lane = load.index(min(load))
-                lanes[lane].append(j)
-                load[lane] += cost[j]
-            self.segments.append([[batches[j] for j in sorted(lane)] for lane in lanes])
-
+            lane_of = balance({j: cost[j] for j in range(a, b)}, self.lanes)
+            self.segments.append([[batches[j] for j in range(a, b) if lane_of[j] == lane] for lane in range(self.lanes)])
     def rank_batches(self, rank):
         return [batch for segment in self.segments for lane in segment[rank::self.world_size] for batch in lane]
 
 def drive_lora_ttt(plan, rank, h, budget, score_batch, start_lane, run_phase, agree, log=lambda m: None):
-    """One rank's share of the plan, segment by segment: each batch adapted if the budget allows, re-checked every
-    TTT_CHECK_SECONDS while adapting (one badly estimated batch cannot overrun); then the segment's phase if every
-    rank agrees it fits with the rest still adapted (phases go before LoRA adaptation). Returns what was adapted."""
+    """One rank's share of the plan: each batch adapted while the budget allows, then the segment's phase if all ranks agree
+    it fits with the rest still adapted (phases go before LoRA adaptation). Returns what was adapted."""
     shapes = [BatchShape([n for _, n in b], h) for b in plan.rank_batches(rank)]
-    rest_score, rest_adapt = [Work()], [Work()]
+    rest_score, rest_adapt = [Work()], [Work()]  # [i]: batches i.. scored only, or adapted
     for shape in reversed(shapes):
         rest_score.insert(0, rest_score[0] + shape.work(False))
         rest_adapt.insert(0, rest_adapt[0] + shape.work(True))
@@ -1621,14 +1564,12 @@ def drive_lora_ttt(plan, rank, h, budget, score_batch, start_lane, run_phase, ag
             start_lane(k, lane)
             for batch in segment[lane]:
                 shape, measured = shapes[i], [0, budget.clock()]  # chunks measured so far, when last checked
-
                 def keep_adapting(c):
                     if budget.clock() - measured[1] < TTT_CHECK_SECONDS:
                         return True
                     budget.measure(shape.work(True, measured[0], c))
                     measured[:] = [c, budget.clock()]
                     return budget.fits(shape.work(True, c), rest_score[i + 1])
-
                 adapt = budget.fits(shape.work(True), rest_score[i + 1])
                 budget.note(rest_adapt[i], rest_score[i])
                 budget.restart()
@@ -1641,21 +1582,21 @@ def drive_lora_ttt(plan, rank, h, budget, score_batch, start_lane, run_phase, ag
                 stats["stops"] += stop < shape.chunks
                 stats["adapted_batches"] += stop == shape.chunks
                 stats["targets"] += int(shape.lengths.sum())
-                stats["adapted_targets"] += shape.targets_before(stop)
+                stats["adapted_targets"] += int(np.minimum(shape.lengths, stop * shape.C).sum())  # in the chunks adapted
                 i += 1
         if k < len(plan.phase_docs):
             phase = Work(sgd_token=sum(n for _, n in plan.phase_docs[k]) / plan.world_size)
             if agree(budget.fits(phase, rest_adapt[i])):
-                budget.timed(phase, lambda: run_phase(k))
+                budget.restart()
+                run_phase(k)
+                budget.measure(phase)
                 stats["phases"] += 1
             else:
                 log(f"ttt: budget: phase {k + 1} skipped: it would not leave time to adapt the rest")
     return stats
 
 def sgd_epoch(run, model, train_fn, tokens, lr):
-    """A phase: one epoch of full-model SGD on already-scored `tokens` with a fresh optimizer, one step per
-    TTT_SGD_CHUNK chunk at LR cosine-decayed over the chunks; a step's EVAL_SEQ_LEN sequences are spread over the
-    ranks (train_fn: the model's compiled or plain loss) and their gradients all-reduced into the mean of all."""
+    """A phase: one epoch of full-model SGD on scored `tokens`, a step per TTT_SGD_CHUNK chunk, LR cosine-decayed."""
     h, L, K = run.h, run.h.eval_seq_len, run.h.ttt_sgd_chunk
     chunks = max((tokens.numel() - 1) // K, 1)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=h.ttt_sgd_momentum)
@@ -1678,10 +1619,8 @@ def sgd_epoch(run, model, train_fn, tokens, lr):
         opt.zero_grad(set_to_none=True)
 
 class LoRA(nn.Module):
-    """Per-document low-rank adapters: for each row of a batch (one document), a pair (A, B) per target (q, k, v, o,
-    an MLP bypass) and virtual layer, and one on the LM head; delta(x) = (alpha/rank)·x·Aᵀ·Bᵀ. A stays warm along a
-    lane (it keeps directions that helped earlier documents); B starts each batch at zero (no change)."""
-
+    """Per-document adapters: per row of a batch, an (A, B) per target (q, k, v, o, an MLP bypass) and virtual layer, and
+    one on the LM head. A stays warm along a lane (directions that helped earlier documents); B starts each batch at 0."""
     def __init__(self, model, h):
         super().__init__()
         d, kv, rows = h.model_dim, h.kv_dim, max(h.ttt_batch_docs, 2)
@@ -1691,7 +1630,6 @@ class LoRA(nn.Module):
         self.B = nn.ParameterDict({k: nn.Parameter(torch.zeros(slots, rows, o, r)) for k, (i, o) in shapes.items()})
         self.head_A, self.head_B = nn.Parameter(torch.zeros(rows, r, d)), nn.Parameter(torch.zeros(rows, h.vocab_size, r))
         self.scale = h.ttt_lora_alpha / r
-
     @torch.no_grad()
     def start_lane(self, seed):
         """A drawn from U(-1/sqrt(in), 1/sqrt(in)) by a generator on the device (no host draws), B zero."""
@@ -1699,36 +1637,28 @@ class LoRA(nn.Module):
         for a in [*self.A.values(), self.head_A]:
             a.uniform_(-a.size(-1) ** -0.5, a.size(-1) ** -0.5, generator=g)
         self.clear_b()
-
     @torch.no_grad()
     def clear_b(self):
         for b in [*self.B.values(), self.head_B]:
             b.zero_()
-
     def delta(self, A, B, x):
         rows = x.size(0)
         return self.scale * torch.einsum("btr,bor->bto", torch.einsum("bti,bri->btr", x, A[:rows].to(x.dtype)), B[:rows].to(x.dtype))
-
     def slot(self, pos):
         return lambda name, x: self.delta(self.A[name][pos], self.B[name][pos], x)
-
     def head(self, x):
         return self.delta(self.head_A, self.head_B, x)
 
 def ttt_lora(run, model, lora_fn, train_fn, lora, scorer, budget):
-    """Score-first LoRA TTT over the plan (TTTPlan): each batch of documents chunk by chunk (score_documents), each
-    lane's A warm from batch to batch, B and the optimizer fresh per batch; at each TTT_PHASES count, one epoch of
-    full-model SGD on the documents scored so far (a fresh optimizer, LR TTT_PHASE_LR cosine)."""
+    """Score-first LoRA TTT over the plan: each batch scored and adapted chunk by chunk, a phase at each TTT_PHASES count."""
     h = run.h
     plan = TTTPlan(document_spans(scorer.tokens.cpu()), h, run.world_size)
     progress = Progress(run.log, "ttt_lora", len(plan.rank_batches(run.rank)), "batches", lambda: budget.outlook)
     model.requires_grad_(False)  # only the adapters learn, except in phases
-
     def score_batch(batch, adapt, keep_adapting):
         stop = score_documents(run, lora_fn, lora, scorer, batch, adapt, keep_adapting)
         progress.step()
         return stop
-
     def run_phase(k):
         docs = plan.phase_docs[k]
         run.log(f"ttt: phase {k + 1}: full-model SGD on the first {len(docs)} documents scored", console=False)
@@ -1736,7 +1666,6 @@ def ttt_lora(run, model, lora_fn, train_fn, lora, scorer, budget):
         model.requires_grad_(True)
         sgd_epoch(run, model, train_fn, stream, h.ttt_phase_lr)
         model.requires_grad_(False)
-
     stats = drive_lora_ttt(plan, run.rank, h, budget, score_batch,
                            lambda k, lane: lora.start_lane((h.seed * 1000 + k) * 1000 + lane),
                            run_phase, run.all_agree, run.log)
@@ -1744,9 +1673,8 @@ def ttt_lora(run, model, lora_fn, train_fn, lora, scorer, budget):
     return stats
 
 def score_documents(run, lora_fn, lora, scorer, batch, adapt, keep_adapting=lambda c: True):
-    """One batch of documents (longest first), chunk by chunk: score, then (while adapting) one AdamW step of their
-    adapters (lora_fn: forward_logits, compiled or plain). Gradients are on either way, so a stop reuses the compiled
-    graph. Returns the first chunk scored without updates (0: none adapted)."""
+    """One batch of documents, chunk by chunk: score, then (while adapting) an AdamW step of their adapters. Gradients are
+    on either way, so a stop reuses the compiled graph. Returns the first chunk scored without updates (0: none adapted)."""
     h, L, C = run.h, run.h.eval_seq_len, run.h.ttt_chunk
     shape = BatchShape([n for _, n in batch], h)
     lora.clear_b()
