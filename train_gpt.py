@@ -1359,9 +1359,8 @@ def collect_hessians(model, batches, h, autocast):
     return hessians | {name: hessians[source] for name, source in shared.items()}
 
 # ----------------------------------------------------------------------------------------------------
-# Evaluation and score-first test-time training. One Scorer records every target's loss exactly once; a mode only
-# decides which windows are scored, and which updates (TTT) come after a window's scores are recorded: a target's
-# loss is always recorded before any update that has seen it, in one left-to-right pass over the stream.
+# Evaluation and score-first test-time training: one Scorer records every target's loss exactly once, in one
+# left-to-right pass over the stream, always before any update (TTT) that has seen the target.
 
 def window_starts(n_targets, seq_len, stride):
     """Sliding windows: the first scores all its targets, later ones only their last `stride` (full context)."""
@@ -1372,20 +1371,20 @@ def token_nll(logits, targets):
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view(targets.shape)
 
 class Scorer:
-    """Exact float64 sums of nll, targets and bytes; with `record` (DUMP_NLL), each target's nll, bytes, batch, times scored.
-    Target t predicts token t+1 and is charged its bytes: by the piece tables (build_byte_luts) or a sidecar's count t+1."""
+    """Exact float64 sums of nll, targets and bytes; with `record` (DUMP_NLL), each target's nll, bytes and batch. Target
+    t predicts token t+1 and is charged its bytes: by the piece tables (build_byte_luts) or a byte sidecar's count t+1."""
     def __init__(self, tokens, luts, record=False):
         device = luts.device if torch.is_tensor(luts) else luts[0].device
         self.tokens, self.luts, self.n = tokens.to(device), luts, tokens.numel() - 1
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
-        self.batches, self.record = 0, record
+        self.sums, self.batches, self.record = torch.zeros(3, dtype=torch.float64, device=device), 0, record
         if record:
             self.nll, self.bytes, self.order, self.times = (torch.zeros(self.n, dtype=dt, device=device)
                                                             for dt in (torch.float64, torch.int32, torch.int64, torch.int32))
     def add(self, nll, targets, scored):
         """Record the (detached) nll of the `scored` entries of `targets` (global target indices, any shape)."""
         t = targets.clamp(0, self.n - 1)
-        nbytes = self.luts[t + 1] if torch.is_tensor(self.luts) else target_bytes(self.luts, self.tokens[t], self.tokens[t + 1])
+        x, y = self.tokens[t], self.tokens[t + 1]
+        nbytes = self.luts[t + 1] if torch.is_tensor(self.luts) else target_bytes(self.luts, x, y)
         self.sums += torch.stack([(nll.detach().double() * scored).sum(), scored.sum().double(), (nbytes * scored).sum().double()])
         if self.record:
             keep = t[scored]
@@ -1439,11 +1438,10 @@ def make_logits_fn(model, compile_model, autocast):
             return fn(x, None, model.starts_of(x))
     return logits
 
-# Test-time training runs the model's own forward. A budget decides, unit by unit, whether adapting fits in the eval
-# clock: only if the clock now, plus that unit adapted, plus everything after it scored without updates, stays within
-# TTT_BUDGET_SECONDS; every target is scored either way. Until the run measures its own, a unit costs what it did on one
-# H100 in the records' logs: LoRA TTT (04-13) per token pass (a row position, forward and backward), chunk step and
-# batch, scoring without updates half of that; a phase's SGD (04-27: 0.12 s per 32,768-token chunk on 8 ranks).
+# Test-time training: a unit (a batch, a phase) is adapted only if the eval clock now, plus that unit adapted, plus all
+# after it scored without updates, stays within TTT_BUDGET_SECONDS; every target is scored either way. Prior costs, one
+# H100's in the records' logs until the run measures its own: LoRA TTT per token pass (a row position, forward and
+# backward), chunk step and batch (04-13), scoring half of that; a phase's SGD 0.12 s per 32,768 tokens on 8 ranks (04-27).
 TTT_PRIOR = {"token_pass": 1.33e-6, "chunk_step": 15.7e-3, "batch": 33e-3, "score_pass": 0.67e-6, "score_step": 7.9e-3,
              "sgd_token": 29e-6}
 TTT_MARGIN = 0.03  # share of the projected remaining work kept in hand against the cost model's error
@@ -1456,8 +1454,8 @@ class Work(dict):
         return Work({k: self.get(k, 0) + other.get(k, 0) for k in {*self, *other}})
 
 class CostModel:
-    """Seconds for a Work: each kind's prior cost times its group's factor (LoRA adapting, LoRA scoring, phase SGD; one odd
-    kind cannot swing alone), least squares pulled to one common scale: a group never measured keeps its prior ratio."""
+    """Seconds for a Work: each kind's prior cost times its group's factor (LoRA adapting, LoRA scoring, phase SGD), fitted
+    by least squares pulled to one common scale, so a group never measured keeps its prior ratio to the others."""
     GROUPS = {"token_pass": 0, "chunk_step": 0, "batch": 0, "score_pass": 1, "score_step": 1, "sgd_token": 2}
     def __init__(self, prior=None):
         self.prior, self.factors, self.errors = dict(prior or TTT_PRIOR), np.ones(3), []
@@ -1491,8 +1489,8 @@ class TTTBudget:
     def projected(self, *works):
         return self.now() + sum(self.cost.seconds(w) for w in works)
     def fits(self, unit, *rest):
-        """The unit's estimate grows by the recent prediction error (its mix may be new), the rest's (errors average out)
-        by TTT_MARGIN, and one check interval is kept in hand (a stop can come that late)."""
+        """The unit's estimate grows by the recent prediction error (its mix may be new), the rest's by TTT_MARGIN (the
+        errors average out), and one check interval is kept in hand (a stop can come that late)."""
         seconds = (1 + max(TTT_MARGIN, self.cost.error())) * self.cost.seconds(unit) + TTT_CHECK_SECONDS
         return self.now() + seconds + (1 + TTT_MARGIN) * sum(self.cost.seconds(w) for w in rest) <= self.limit
     def restart(self):
@@ -1508,15 +1506,15 @@ class TTTBudget:
                         f"{self.projected(rest_score):.0f}s scoring it (budget {self.limit:.0f}s)")
 
 def document_spans(tokens):
-    """[(first target, number of targets)] per document: from its BOS to the next, whose prediction is its last target."""
+    """[(first target, number of targets)] per document: its BOS to the next, whose prediction is its last target."""
     starts = torch.nonzero(tokens[:-1] == BOS_ID).flatten().tolist()
     starts = ([0] if not starts or starts[0] != 0 else []) + starts
     ends = starts[1:] + [tokens.numel() - 1]
     return [(s, e - s) for s, e in zip(starts, ends) if e > s]
 
 class BatchShape:
-    """One LoRA batch (lengths, longest first) chunk by chunk as score_documents runs it: rows (active documents) and width,
-    at least 2 and 3 so the compiled graph never meets a size-1 dimension (it would recompile); the Work of chunk ranges."""
+    """A LoRA batch (lengths, longest first) as score_documents runs it: per chunk, rows (documents) and width, at least
+    2 and 3 so the compiled graph never meets a size-1 dimension (it would recompile); the Work of chunk ranges."""
     def __init__(self, lengths, h):
         n, C = np.asarray(lengths), h.ttt_chunk
         chunks = np.arange(-(-int(n[0]) // C))
@@ -1550,8 +1548,8 @@ class TTTPlan:
         return [batch for segment in self.segments for lane in segment[rank::self.world_size] for batch in lane]
 
 def drive_lora_ttt(plan, rank, h, budget, score_batch, start_lane, run_phase, agree, log=lambda m: None):
-    """One rank's share of the plan: each batch adapted while the budget allows, then the segment's phase if all ranks agree
-    it fits with the rest still adapted (phases go before LoRA adaptation). Returns what was adapted."""
+    """One rank's share of the plan: each batch adapted while the budget allows, then the segment's phase if all ranks
+    agree it fits with the rest still adapted (phases go before LoRA adaptation). Returns what was adapted."""
     shapes = [BatchShape([n for _, n in b], h) for b in plan.rank_batches(rank)]
     rest_score, rest_adapt = [Work()], [Work()]  # [i]: batches i.. scored only, or adapted
     for shape in reversed(shapes):
@@ -1619,8 +1617,8 @@ def sgd_epoch(run, model, train_fn, tokens, lr):
         opt.zero_grad(set_to_none=True)
 
 class LoRA(nn.Module):
-    """Per-document adapters: per row of a batch, an (A, B) per target (q, k, v, o, an MLP bypass) and virtual layer, and
-    one on the LM head. A stays warm along a lane (directions that helped earlier documents); B starts each batch at 0."""
+    """Per-document adapters: per row of a batch, an (A, B) per target (q, k, v, o, an MLP bypass) and virtual layer,
+    and on the LM head. A stays warm along a lane (directions that helped earlier documents); B starts each batch at 0."""
     def __init__(self, model, h):
         super().__init__()
         d, kv, rows = h.model_dim, h.kv_dim, max(h.ttt_batch_docs, 2)
@@ -1650,7 +1648,7 @@ class LoRA(nn.Module):
         return self.delta(self.head_A, self.head_B, x)
 
 def ttt_lora(run, model, lora_fn, train_fn, lora, scorer, budget):
-    """Score-first LoRA TTT over the plan: each batch scored and adapted chunk by chunk, a phase at each TTT_PHASES count."""
+    """Score-first LoRA TTT over the plan: each batch scored and adapted chunk by chunk, phases at the TTT_PHASES counts."""
     h = run.h
     plan = TTTPlan(document_spans(scorer.tokens.cpu()), h, run.world_size)
     progress = Progress(run.log, "ttt_lora", len(plan.rank_batches(run.rank)), "batches", lambda: budget.outlook)
@@ -1673,8 +1671,8 @@ def ttt_lora(run, model, lora_fn, train_fn, lora, scorer, budget):
     return stats
 
 def score_documents(run, lora_fn, lora, scorer, batch, adapt, keep_adapting=lambda c: True):
-    """One batch of documents, chunk by chunk: score, then (while adapting) an AdamW step of their adapters. Gradients are
-    on either way, so a stop reuses the compiled graph. Returns the first chunk scored without updates (0: none adapted)."""
+    """A batch of documents, chunk by chunk: score, then (while adapting) an AdamW step of their adapters. Gradients are
+    on either way, so a stop reuses the compiled graph. Returns the first chunk scored without updates (0: none)."""
     h, L, C = run.h, run.h.eval_seq_len, run.h.ttt_chunk
     shape = BatchShape([n for _, n in batch], h)
     lora.clear_b()
