@@ -919,8 +919,8 @@ def export_plan(name, tensor, h):
     return None
 
 def gptq_quantize(w, hessian, scale, bits, damp=0.01, block=128):
-    """Full-Hessian GPTQ: columns in order of decreasing H_ii, each rounding error pushed onto the later columns through
-    the Cholesky factor of H^-1. Integer codes (as float); LinAlgError when H + damping is not positive definite."""
+    """Full-Hessian GPTQ: columns by decreasing H_ii, each rounding error pushed onto the later ones through the Cholesky
+    factor of H^-1. LinAlgError when H + damping is not positive definite."""
     qmax = 2 ** (bits - 1) - 1
     w, H = w.float().clone(), hessian.float().clone()
     dead = torch.diag(H) == 0
@@ -941,10 +941,10 @@ def gptq_quantize(w, hessian, scale, bits, damp=0.01, block=128):
     return codes[:, torch.argsort(order)]
 
 GPTQ_DAMPING = (0.01, 0.1, 1.0)  # x mean(diag H): GPTQ's usual, then x10 and x100 while the Cholesky fails
+LQER_GROUP = 64  # LQER's B has one scale per this many values
 
 def quantize_tensor(w, bits, clip_k, h, hessian=None, lqer_rank=0):
-    """(entry, note): {"codes", "scale", "bits"} of a matrix, by GPTQ given a Hessian (else, or if every damping
-    fails, by rounding; the note says what gave way); with lqer_rank, plus LQER factors where they cut the error."""
+    """(entry, note): {"codes", "scale", "bits"} by GPTQ given a Hessian, else (or if every damping fails) by rounding."""
     w = w.detach().float()
     scale, codes, note = sdclip_scales(w, bits, clip_k), None, None
     for damp in GPTQ_DAMPING if hessian is not None else ():
@@ -956,17 +956,14 @@ def quantize_tensor(w, bits, clip_k, h, hessian=None, lqer_rank=0):
             note = "Cholesky failed at every damping; rounded instead of GPTQ"
     codes = quantize_rows(w, scale, bits) if codes is None else codes
     entry = {"codes": codes.to(torch.int8).cpu(), "scale": scale.half().cpu(), "bits": bits}
-    if lqer_rank:  # int2 x int4 factors can add more error than they remove
+    if lqer_rank:  # LQER factors only where they cut the error: int2 x int4 factors can add more than they remove
         error = w.cpu() - dequantize_entry(entry)
         factors = lqer_factors(error, lqer_rank)
         entry.update(factors if (error - lqer_product(factors)).norm() < error.norm() else {})
     return entry, note
 
-LQER_GROUP = 64  # LQER's B has one scale per this many values
-
 def lqer_factors(error, rank):
-    """LQER: the rank-`rank` SVD of a quantization error E ~ A B, A rounded to int2 {-2..1} on one scale, B to int4
-    {-8..7} with a scale per LQER_GROUP values: a few kB buy back the largest errors."""
+    """LQER: a quantization error E ~ A B (its rank-`rank` SVD), A in int2, B in int4: a few kB buy back the largest errors."""
     U, S, Vh = torch.linalg.svd(error.float(), full_matrices=False)
     A, B = U[:, :rank] * S[:rank], Vh[:rank].reshape(-1, LQER_GROUP)
     a_scale, b_scale = (A.abs().amax() / 1.5).clamp_min(1e-8).half().view(1), (B.abs().amax(1) / 7.5).clamp_min(1e-8).half()
@@ -987,13 +984,17 @@ def dequantize_entry(e):
 def dequantize_state(qstate):
     return {name: dequantize_entry(e) for name, e in qstate.items()}
 
+def balance(costs, bins):
+    """{key: bin}: the costliest key first, each to the least loaded bin."""
+    load, owner = [0] * bins, {}
+    for key in sorted(costs, key=lambda k: -costs[k]):
+        owner[key] = load.index(min(load))
+        load[owner[key]] += costs[key]
+    return owner
+
 def on_ranks(fn, costs, rank=0, world_size=1, log=None, label=None):
-    """{name: fn(name)} for each name of `costs`, computed on one rank (largest cost first, to the least-loaded rank)
-    and sent to all, so that every rank takes the same branches afterwards. With a label, logs progress."""
-    load, owner = [0] * world_size, {}
-    for name in sorted(costs, key=lambda n: -costs[n]):
-        owner[name] = load.index(min(load))
-        load[owner[name]] += costs[name]
+    """{name: fn(name)} for each name of `costs`, computed on one rank and sent to all (so all take the same branches)."""
+    owner = balance(costs, world_size)
     mine = [n for n in costs if owner[n] == rank]
     progress, done = Progress(log, label, len(mine), "tensors") if log and label else None, {}
     for n in mine:
@@ -1006,11 +1007,9 @@ def on_ranks(fn, costs, rank=0, world_size=1, log=None, label=None):
     merged = {n: v for part in parts for n, v in part.items()}
     return {n: merged[n] for n in costs}
 
-# The artifact: MAGIC | u32 header length | JSON header | frames. Frame 0 holds every 16-bit value (row scales,
-# LQER scales, passthrough tensors), then each quantized tensor has a frame of int8 codes (and one of LQER codes):
-# the file size is a sum of independent frame sizes, and frames compress in parallel. The header names each
-# frame's method: zstd or lzma, whichever is smaller, on the bytes as they are or byte-shuffled.
-
+# The artifact: MAGIC | u32 header length | JSON header | frames. Frame 0 holds every 16-bit value (row scales, LQER
+# scales, passthrough tensors), then each quantized tensor has a frame of int8 codes (and one of LQER codes): the size
+# is a sum of independent frame sizes, and frames compress in parallel. The header names each frame's compression.
 ARTIFACT_MAGIC = b"PGQ3"
 LZMA_PRESET = 9 | lzma.PRESET_EXTREME
 
@@ -1028,9 +1027,9 @@ def zstd_compress(data, level, min_match=None):
     params = zstandard.ZstdCompressionParameters.from_level(level, **({"min_match": min_match} if min_match else {}))
     return zstandard.ZstdCompressor(compression_params=params).compress(data)
 
-def compress_frame(data, level, codes, shuffle=False):
-    """(method, frame): the smallest of zstd and lzma on the data as is (shuffle False), byte-shuffled (True) or both."""
-    variants = ([("", data)] if shuffle is not True else []) + ([("+shuffle", byte_shuffle(data))] if shuffle is not False else [])
+def compress_frame(data, level, codes):
+    """(method, frame): the smaller of zstd and lzma, on int8 codes as they are, on 16-bit values also byte-shuffled."""
+    variants = [("", data)] + ([] if codes else [("+shuffle", byte_shuffle(data))])
     return min([(f"zstd{suffix}", zstd_compress(raw, level, 6 if codes else None)) for suffix, raw in variants]
                + [(f"lzma{suffix}", lzma.compress(raw, preset=LZMA_PRESET)) for suffix, raw in variants], key=lambda c: len(c[1]))
 
@@ -1042,8 +1041,7 @@ def lqer_frame(e, h):
     return compress_frame(e["lqer_a"].numpy().tobytes() + e["lqer_b"].numpy().tobytes(), h.zstd_level, True)
 
 def lqer_bytes(e, frame):
-    """Bytes of a tensor's LQER factors: their code frame and their 16-bit scales (A's one, B's per group)."""
-    return len(frame[1]) + 2 * (1 + e["lqer_b_scale"].numel())
+    return len(frame[1]) + 2 * (1 + e["lqer_b_scale"].numel())  # the code frame, A's scale and B's
 
 def code_frames(name, e, h):
     """{name: (method, frame)} of a quantized tensor's codes, and {name + "/lqer": ...} of its LQER codes (A then B)."""
@@ -1053,16 +1051,10 @@ def code_frames(name, e, h):
 def sixteen_bit_frame(qstate, h):
     halves = [t.numpy().tobytes() for e in qstate.values() for t in
               ([e["scale"]] + ([e["lqer_a_scale"], e["lqer_b_scale"]] if "lqer_a" in e else []) if "codes" in e else [e["raw"]])]
-    return compress_frame(b"".join(halves), h.zstd_level, False, None)
-
-def tensor_bytes(name, qstate, frames):
-    """A quantized tensor's bytes beyond its row scales: its code frame, and its LQER frame and 16-bit scales."""
-    e = qstate[name]
-    return len(frames[name][1]) + (lqer_bytes(e, frames[name + "/lqer"]) if "lqer_a" in e else 0)
+    return compress_frame(b"".join(halves), h.zstd_level, False)
 
 def serialize_quantized(qstate, frames, half_frame):
-    """The artifact of a quantized state, its code frames and 16-bit frame; a header entry [name, shape, bits] gains
-    the tensor's LQER rank when it has one."""
+    """The artifact; a header entry [name, shape, bits] gains the tensor's LQER rank when it has one."""
     tensors = [[name, list((e["codes"] if "codes" in e else e["raw"]).shape), e.get("bits", 16)]
                + ([e["lqer_a"].size(1)] if "lqer_a" in e else []) for name, e in qstate.items()]
     order = [half_frame] + [frames[key] for name, e in qstate.items() if "codes" in e
@@ -1096,8 +1088,7 @@ def deserialize_quantized(blob):
     return out
 
 def estimate_model_bytes(state, h):
-    """Compressed size at b - log2(k) + 0.5*log2(pi*e/2) bits per quantized weight (Gaussian SDClip), 2 bytes per
-    row scale and per passthrough value."""
+    """Size at b - log2(k) + 0.5*log2(pi*e/2) bits per quantized weight (Gaussian SDClip), 16 per row scale or fp16 value."""
     bits = 0.0
     for name, t in state.items():
         plan = export_plan(name, t, h)
@@ -1105,28 +1096,22 @@ def estimate_model_bytes(state, h):
         bits += t.numel() * per_weight + 16 * t.size(0) if plan else 16 * t.numel()
     return int(bits / 8)
 
-# Spending the budget: every quantized tensor has a ladder of grids, quarter-bit steps of the quantization step
-# around its default; the LQER_TOP_K tensors of largest error also have each grid plus LQER factors. Cheap trials
-# rate each rung by its codes' entropy (scaled to the default's exact compressed size) and its Hessian-weighted
-# error; a Lagrange multiplier then picks one rung per tensor so that the total lands just under the cap, and
-# only the chosen grids get GPTQ and a real compression.
-
+# Spending the budget: each quantized tensor has a ladder of grids, quarter-bit steps around its default; the
+# LQER_TOP_K tensors of largest error also have each grid plus LQER. Cheap trials rate each rung by its codes' entropy
+# (scaled to the default's exact compressed size) and its Hessian-weighted error; a Lagrange multiplier picks one rung
+# per tensor so that the total lands just under the cap, and only the chosen grids get GPTQ and a real compression.
 LADDER_STEPS = range(-8, 13)  # quantization step x 2^(-j/4): j > 0 is finer
 DEFAULT_RUNG = LADDER_STEPS.index(0)
 TARGET_SLACK = 10_000  # aim this far under the cap: the exact sizes after GPTQ differ a little from the trials
 
 def grid_ladder(bits, clip_k):
-    """[(bits, clip_k, LQER rank 0)] from coarsest to finest, the clip range at least the default's (up to int8)."""
-    step, rungs = clip_k / (2 ** (bits - 1) - 1), []
-    for j in LADDER_STEPS:
-        s = step * 2 ** (-j / 4)
-        b = next((b for b in range(2, 9) if (2 ** (b - 1) - 1) * s >= clip_k - 1e-9), 8)
-        rungs.append((b, (2 ** (b - 1) - 1) * s, 0))
-    return rungs
+    """[(bits, clip_k, LQER rank 0)] from coarsest to finest, on the fewest bits (up to 8) covering the default clip."""
+    steps = [clip_k / (2 ** (bits - 1) - 1) * 2 ** (-j / 4) for j in LADDER_STEPS]
+    widths = [next((b for b in range(2, 9) if (2 ** (b - 1) - 1) * s >= clip_k - 1e-9), 8) for s in steps]
+    return [(b, (2 ** (b - 1) - 1) * s, 0) for b, s in zip(widths, steps)]
 
 def rung_trials(w, hdiag, rungs, h, lqer=False):
-    """[(bytes, weighted squared error)] of rounding `w` to each rung's grid, the bytes at the codes' entropy; with
-    lqer, the bytes of LQER factors that correct the rounding, and the error they leave."""
+    """[(bytes at the codes' entropy, weighted squared error)] of rounding to each rung; with lqer, of LQER's correction."""
     w, out = w.detach().float(), []
     for bits, clip_k, _ in rungs:
         scale = sdclip_scales(w, bits, clip_k)
@@ -1142,20 +1127,18 @@ def rung_trials(w, hdiag, rungs, h, lqer=False):
     return out
 
 def error_weights(name, state, hessians):
-    """Per-column weights of a squared rounding error in one unit (squared output error per token): a linear's input
-    Hessian diagonal (or ones); a table's, 1/rows (tokens per row) x the mean squared gain of its scaled projection."""
+    """Per-column weights of a squared rounding error, in squared output error per token (a linear's: H's diagonal)."""
     if hessians and name in hessians:
         return torch.diagonal(hessians[name]).float().cpu().clamp_min(0)
     rows, cols = state[name].shape
     if not name.endswith("table.weight"):
         return torch.ones(cols)
-    prefix = name[:-len("table.weight")]
+    prefix = name[:-len("table.weight")]  # a table's row reaches 1/rows of the tokens through its scaled projection
     gain = state[prefix + "scale"].float() ** 2 * state[prefix + "proj.weight"].float().square().sum() / cols
     return torch.full((cols,), float(gain) / rows)
 
 def pick_rungs(trials, budget):
-    """{name: rung} of least total error within `budget` bytes: a Lagrange multiplier found by bisection, then the
-    bytes left spent on the upgrades that remove the most error per byte."""
+    """{name: rung} of least total error within `budget`: the multiplier by bisection, then the best upgrades per byte."""
     def choose(lam):
         return {n: min(range(len(t)), key=lambda i: t[i][1] + lam * t[i][0]) for n, t in trials.items()}
     def size(choice):
@@ -1177,9 +1160,7 @@ def pick_rungs(trials, budget):
         choice[n] = j
 
 class Export:
-    """One export in progress: each quantized tensor's ladder of grids and current rung, the quantized state and
-    its frames, and the artifact of the current grids with its exact total bytes (code included)."""
-
+    """One export in progress: each quantized tensor's ladder and rung, the quantized state, its frames and artifact."""
     def __init__(self, state, h, code_bytes, hessians, log, rank, world_size):
         self.state, self.h, self.code_bytes, self.hessians, self.log = state, h, code_bytes, hessians or {}, log
         self.ranks, self.frames, self.notes = (rank, world_size), {}, []
@@ -1189,10 +1170,8 @@ class Export:
         self.ladders = {n: grid_ladder(*plans[n]) for n in self.quantized}
         self.rungs = {n: DEFAULT_RUNG for n in self.quantized}
         self.regrid(self.quantized)
-
     def regrid(self, names):
-        """GPTQ (or rounding) and compression of `names` at their current rungs, on the ranks in parallel; then the
-        artifact again, in the state's order (which the loader expects)."""
+        """GPTQ (or rounding) and compression of `names` on their current rungs; then the artifact and its total bytes."""
         def quantize(n):
             bits, clip_k, lqer_rank = self.ladders[n][self.rungs[n]]
             entry, note = quantize_tensor(self.state[n], bits, clip_k, self.h, self.hessians.get(n), lqer_rank)
@@ -1202,14 +1181,16 @@ class Export:
             self.qstate[n] = entry
             self.frames.update(frames)
             self.notes += [f"{n}: {note}"] if note else []
-        self.qstate = {n: self.qstate[n] for n in self.state}
+        self.qstate = {n: self.qstate[n] for n in self.state}  # the state's order, which the loader expects
         self.half_frame = sixteen_bit_frame(self.qstate, self.h)
         self.blob = serialize_quantized(self.qstate, self.frames, self.half_frame)
         self.total = self.code_bytes + len(self.blob)
-
+    def tensor_bytes(self, n):
+        """A quantized tensor's bytes beyond its row scales: its code frame, and its LQER frame and scales."""
+        e = self.qstate[n]
+        return len(self.frames[n][1]) + (lqer_bytes(e, self.frames[n + "/lqer"]) if "lqer_a" in e else 0)
     def rate_rungs(self):
-        """{name: [(bytes, error)] per rung}, the entropy estimates scaled to each tensor's exact size on its default
-        grid; the LQER_TOP_K tensors of largest error gain each grid again with LQER."""
+        """{name: [(bytes, error)] per rung}; the LQER_TOP_K tensors of largest error gain each rung again with LQER."""
         h, state, ladders, movable = self.h, self.state, self.ladders, self.quantized
         rate = lambda n, lqer=False: rung_trials(state[n].cpu(), error_weights(n, state, self.hessians), ladders[n], h, lqer)  # noqa: E731
         trials = on_ranks(rate, {n: state[n].numel() for n in movable}, *self.ranks)
@@ -1222,14 +1203,12 @@ class Export:
             trials[n] += [(b + x, e) for (b, _), (x, e) in zip(trials[n], twins)]
             ladders[n] = ladders[n] + [(bits, k, h.lqer_rank) for bits, k, _ in ladders[n]]
         return trials
-
     def fit(self):
-        """Move grids until the total lands just under the cap (with BUDGET_FILL, within 50 kB of it): pick rungs for
-        the budget, regrid what changed, measure, and steer the next attempt by this one's miss."""
+        """Move grids until the total lands just under the cap (BUDGET_FILL: within 50 kB), each try steered by the last."""
         h, cap, trials, movable = self.h, self.h.artifact_cap_bytes, self.rate_rungs(), self.quantized
         aim = cap - TARGET_SLACK
         for attempt in range(6):
-            others = self.total - sum(tensor_bytes(n, self.qstate, self.frames) for n in movable)
+            others = self.total - sum(self.tensor_bytes(n) for n in movable)
             budget = aim - others if h.budget_fill else min(aim - others, sum(trials[n][DEFAULT_RUNG][0] for n in movable))
             chosen = pick_rungs(trials, budget)
             changed = [n for n in movable if chosen[n] != self.rungs[n]]
@@ -1238,12 +1217,11 @@ class Export:
             self.rungs.update(chosen)
             self.regrid(changed)
             for n in changed:  # the exact size replaces the estimate of the chosen rung
-                trials[n][self.rungs[n]] = (tensor_bytes(n, self.qstate, self.frames), trials[n][self.rungs[n]][1])
+                trials[n][self.rungs[n]] = (self.tensor_bytes(n), trials[n][self.rungs[n]][1])
             self.log(f"artifact_fit: attempt {attempt + 1}: {len(changed)} tensors regridded, total {self.total} bytes (cap {cap})")
             if self.total <= cap and (self.total >= cap - TARGET_SLACK - 40_000 or not h.budget_fill):
                 return
             aim += cap - TARGET_SLACK - self.total
-
     def report(self, seconds):
         grids = [f"int{bits}/k{clip_k:.1f}" for bits, clip_k, _ in (self.ladders[n][self.rungs[n]] for n in self.quantized)]
         methods = [self.half_frame[0]] + [self.frames[n][0] for n in self.quantized]
@@ -1252,8 +1230,7 @@ class Export:
                 "lqer": sorted(n for n in self.quantized if "lqer_a" in self.qstate[n])}
 
 def export_artifact(state, h, code_bytes, hessians=None, log=print, rank=0, world_size=1):
-    """(blob, qstate, report): each tensor quantized on the grid that lands code + model just under ARTIFACT_CAP_BYTES
-    (BUDGET_FILL: also spending what is left), compressed and measured exactly. Raises rather than exceed the cap."""
+    """(blob, qstate, report): code + model just under ARTIFACT_CAP_BYTES, measured exactly; raises rather than exceed it."""
     t0, cap = time.perf_counter(), h.artifact_cap_bytes
     export = Export(state, h, code_bytes, hessians, log, rank, world_size)
     if export.quantized and (export.total > cap or (h.budget_fill and export.total < cap - TARGET_SLACK) or h.lqer_top_k):
@@ -1264,10 +1241,9 @@ def export_artifact(state, h, code_bytes, hessians=None, log=print, rank=0, worl
 
 @torch.no_grad()
 def collect_hessians(model, batches, h, autocast):
-    """H = X^T X / rows (fp32, outside autocast) of each exported linear's input, every pass of a looped layer adding
-    (c_k, c_v share c_q's), and of the final-norm output for the tied embedding; the mean over batches and ranks."""
+    """X^T X / rows (fp32) of each exported linear's input (tied embedding: the final norm's); the mean of batches and ranks."""
     hessians, hooks, shared, n = {}, [], {}, 0
-    def accumulate(key):
+    def accumulate(key):  # every pass of a looped layer adds
         def hook(module, inputs, output):
             x = (inputs[0] if isinstance(module, CastedLinear) else output).detach()
             x = x.reshape(-1, x.size(-1)).float()
@@ -1277,7 +1253,7 @@ def collect_hessians(model, batches, h, autocast):
         return hook
     for name, module in model.named_modules():
         if isinstance(module, CastedLinear) and name.startswith("blocks.") and export_plan(name + ".weight", module.weight, h):
-            if name.endswith((".attn.c_k", ".attn.c_v")):
+            if name.endswith((".attn.c_k", ".attn.c_v")):  # same input as c_q
                 shared[name + ".weight"] = name.rsplit(".", 1)[0] + ".c_q.weight"
             else:
                 hooks.append(module.register_forward_hook(accumulate(name + ".weight")))
@@ -1296,9 +1272,8 @@ def collect_hessians(model, batches, h, autocast):
     return hessians | {name: hessians[source] for name, source in shared.items()}
 
 # ----------------------------------------------------------------------------------------------------
-# Evaluation and score-first test-time training. One Scorer records every target's loss exactly once; a mode only
-# decides which windows are scored, and which updates (TTT) come after a window's scores are recorded: a target's
-# loss is always recorded before any update that has seen it, in one left-to-right pass over the stream.
+# Evaluation and score-first test-time training: one Scorer records every target's loss exactly once, in one
+# left-to-right pass over the stream, always before any update (TTT) that has seen the target.
 
 def window_starts(n_targets, seq_len, stride):
     """Sliding windows: the first scores all its targets, later ones only their last `stride` (full context)."""
@@ -1309,19 +1284,15 @@ def token_nll(logits, targets):
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view(targets.shape)
 
 class Scorer:
-    """Exact float64 sums of nll, targets and bytes over the stream; with `record`, every target's nll, bytes and
-    scoring batch (DUMP_NLL) and how often it was scored. Target t predicts token t+1. `luts`: the piece tables
-    (build_byte_luts) or a byte sidecar's counts, of which target t is charged count t+1 (the token it predicts)."""
-
+    """Exact float64 sums of nll, targets and bytes; with `record` (DUMP_NLL), each target's nll, bytes and batch. Target
+    t predicts token t+1 and is charged its bytes: by the piece tables (build_byte_luts) or a byte sidecar's count t+1."""
     def __init__(self, tokens, luts, record=False):
         device = luts.device if torch.is_tensor(luts) else luts[0].device
         self.tokens, self.luts, self.n = tokens.to(device), luts, tokens.numel() - 1
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
-        self.batches, self.record = 0, record
+        self.sums, self.batches, self.record = torch.zeros(3, dtype=torch.float64, device=device), 0, record
         if record:
             self.nll, self.bytes, self.order, self.times = (torch.zeros(self.n, dtype=dt, device=device)
                                                             for dt in (torch.float64, torch.int32, torch.int64, torch.int32))
-
     def add(self, nll, targets, scored):
         """Record the (detached) nll of the `scored` entries of `targets` (global target indices, any shape)."""
         t = targets.clamp(0, self.n - 1)
@@ -1335,7 +1306,6 @@ class Scorer:
             self.order[keep] = self.batches
             self.times.index_put_((keep,), torch.ones_like(keep, dtype=torch.int32), accumulate=True)
         self.batches += 1
-
     def result(self, world_size=1):
         """val_loss and val_bpb (all ranks' sums); raises unless every target was scored exactly once."""
         if world_size > 1:
@@ -1347,17 +1317,15 @@ class Scorer:
             raise RuntimeError(f"evaluation scored {int(self.sums[1])} targets, expected each of {self.n} exactly once")
         nll, count, nbytes = self.sums.tolist()
         return {"val_loss": nll / count, "val_bpb": nll / (math.log(2) * nbytes), "tokens": int(count), "bytes": int(nbytes)}
-
     def dump(self, path):
         np.savez(path, nll=self.nll.cpu().numpy(), bytes=self.bytes.cpu().numpy(), order=self.order.cpu().numpy())
 
 @torch.no_grad()
 def score_windows(logits_fn, scorer, starts, seq_len, stride, batch_seqs, progress=None):
     """Score the windows beginning at `starts`: each scores its last `stride` targets (the first window, all)."""
-    n, device = scorer.n, scorer.sums.device
-    pos = torch.arange(seq_len, device=device)
+    n, pos = scorer.n, torch.arange(seq_len, device=scorer.sums.device)
     for b in range(0, len(starts), batch_seqs):
-        ws = starts[b:b + batch_seqs].to(device)
+        ws = starts[b:b + batch_seqs].to(pos.device)
         ws = F.pad(ws, (0, batch_seqs - len(ws)), value=n)  # padded windows score nothing; shapes stay fixed
         idx = ws[:, None] + pos
         scored = (idx < n) & (pos >= torch.where(ws == 0, 0, seq_len - stride)[:, None])
@@ -1366,35 +1334,27 @@ def score_windows(logits_fn, scorer, starts, seq_len, stride, batch_seqs, progre
         if progress:
             progress.step(min(batch_seqs, len(starts) - b))
 
-def rank_slice(items, rank, world_size):
-    """This rank's contiguous share of `items` (windows in stream order), the shares as even as they can be."""
-    return items[len(items) * rank // world_size:len(items) * (rank + 1) // world_size]
-
 def evaluate(logits_fn, tokens, luts, seq_len, stride, batch_seqs, rank=0, world_size=1, log=None, label="eval", scorer=None):
-    """Exact val_loss (nats/token) and val_bpb over every target of `tokens`: windows split contiguously over
-    ranks, float64 sums all-reduced. stride == seq_len gives non-overlapping windows."""
+    """Exact val_loss (nats/token) and val_bpb of `tokens`, each rank scoring a contiguous share of the windows."""
     scorer = scorer or Scorer(tokens, luts)
-    mine = rank_slice(window_starts(scorer.n, seq_len, stride), rank, world_size)
+    starts = window_starts(scorer.n, seq_len, stride)
+    mine = starts[len(starts) * rank // world_size:len(starts) * (rank + 1) // world_size]
     score_windows(logits_fn, scorer, mine, seq_len, stride, batch_seqs, Progress(log, label, len(mine), "windows"))
     return scorer.result(world_size)
 
 def make_logits_fn(model, compile_model, autocast):
-    """Inference logits (no_grad, autocast), compiled to one graph for the warm-up and every batch (the FA3
-    document starts, computed outside it, have a dynamic size)."""
+    """Inference logits, compiled to one graph (the FA3 document starts, of dynamic size, are computed outside it)."""
     fn = torch.compile(model.forward_logits, dynamic=False, fullgraph=True) if compile_model else model.forward_logits
-
     @torch.no_grad()
     def logits(x):
         with autocast:
             return fn(x, None, model.starts_of(x))
     return logits
 
-# Test-time training runs the model's own forward. A budget decides, unit by unit, whether adapting fits in
-# TTT_BUDGET_SECONDS of eval clock; every target is scored either way.
-# Prior seconds per unit of work on one H100, from the records' logs, until the run measures its own: LoRA TTT 1.33 us
-# per token pass (a row position, forward and backward), 15.7 ms per chunk step, 33 ms per batch (04-13); a phase's
-# full-model SGD 0.12 s per 32,768-token chunk on 8 ranks = 29 us per token per rank (04-27). Scoring a LoRA batch
-# without updates is taken as half of adapting it until measured.
+# Test-time training: a unit (a batch, a phase) is adapted only if the eval clock now, plus that unit adapted, plus all
+# after it scored without updates, stays within TTT_BUDGET_SECONDS; every target is scored either way. Prior costs, one
+# H100's in the records' logs until the run measures its own: LoRA TTT per token pass (a row position, forward and
+# backward), chunk step and batch (04-13), scoring half of that; a phase's SGD 0.12 s per 32,768 tokens on 8 ranks (04-27).
 TTT_PRIOR = {"token_pass": 1.33e-6, "chunk_step": 15.7e-3, "batch": 33e-3, "score_pass": 0.67e-6, "score_step": 7.9e-3,
              "sgd_token": 29e-6}
 TTT_MARGIN = 0.03  # share of the projected remaining work kept in hand against the cost model's error
@@ -1403,101 +1363,71 @@ TTT_LANES = 8  # warm-A chains: the records' 8 ranks; every world size dividing 
 
 class Work(dict):
     """Units of work by kind ({"token_pass": n, ...}); adds like a vector."""
-
     def __add__(self, other):
         return Work({k: self.get(k, 0) + other.get(k, 0) for k in {*self, *other}})
 
 class CostModel:
-    """Seconds for a Work: each kind's prior cost times its group's factor (LoRA adapting, LoRA scoring, phase SGD),
-    fitted to measured times by least squares pulled towards one common scale (worth half an observation):
-    a group never measured keeps its prior ratio to the others, and within a group the prior's proportions stay, so
-    one odd measurement cannot swing a single kind's cost by orders of magnitude."""
-
+    """Seconds for a Work: each kind's prior cost times its group's factor (LoRA adapting, LoRA scoring, phase SGD), fitted
+    by least squares pulled to one common scale, so a group never measured keeps its prior ratio to the others."""
     GROUPS = {"token_pass": 0, "chunk_step": 0, "batch": 0, "score_pass": 1, "score_step": 1, "sgd_token": 2}
-
     def __init__(self, prior=None):
-        self.prior, k = dict(prior or TTT_PRIOR), 3
-        self.zz, self.zy, self.z2, self.z_sum, self.y_sum, self.n = np.zeros((k, k)), np.zeros(k), np.zeros(k), 0.0, 0.0, 0
-        self.factors, self.errors = np.ones(k), []
-
+        self.prior, self.factors, self.errors = dict(prior or TTT_PRIOR), np.ones(3), []
+        self.zz, self.zy, self.z_sum, self.y_sum, self.n = np.zeros((3, 3)), np.zeros(3), 0.0, 0.0, 0
     def error(self):
         """The largest relative error of the last 8 predictions, before each was measured (0 before any)."""
         return min(max(self.errors, default=0.0), 1.0)
-
     def features(self, work):
         z = np.zeros(len(self.factors))
         for kind, count in work.items():
             z[self.GROUPS[kind]] += self.prior[kind] * count
         return z
-
     def seconds(self, work):
         return float(self.factors @ self.features(work))
-
     def observe(self, work, seconds):
         z = self.features(work)
         self.errors = (self.errors + [abs(seconds - self.seconds(work)) / max(self.seconds(work), 1e-9)])[-8:]
-        self.zz += np.outer(z, z)
-        self.zy += z * seconds
-        self.z2, self.z_sum, self.y_sum, self.n = self.z2 + z * z, self.z_sum + z.sum(), self.y_sum + seconds, self.n + 1
+        self.zz, self.zy, self.n = self.zz + np.outer(z, z), self.zy + z * seconds, self.n + 1
+        self.z_sum, self.y_sum = self.z_sum + z.sum(), self.y_sum + seconds
         scale = self.y_sum / max(self.z_sum, 1e-12)
-        pull = 0.5 * self.z2 / self.n + 1e-24
+        pull = 0.5 * np.diag(self.zz) / self.n + 1e-24  # the common scale is worth half an observation
         self.factors = np.clip(np.linalg.solve(self.zz + np.diag(pull), self.zy + pull * scale), 0.05 * scale, None)
 
 class TTTBudget:
-    """The eval clock (from opening the artifact) and what the rest will cost: a unit is adapted only if the clock
-    now, plus that unit adapted, plus everything after it scored without updates, stays within TTT_BUDGET_SECONDS.
-    Each piece of work is timed and refits the cost model; `clock` and `sync` are fakes in the planner."""
-
+    """The eval clock (from opening the artifact) and the cost model, refitted as each piece of work is timed."""
     def __init__(self, limit, t_eval, clock=time.perf_counter, sync=lambda: None, prior=None):
         self.limit, self.t_eval, self.clock, self.sync, self.cost = limit, t_eval, clock, sync, CostModel(prior)
         self.outlook, self.mark = "", clock()
-
     def now(self):
         return self.clock() - self.t_eval
-
     def projected(self, *works):
         return self.now() + sum(self.cost.seconds(w) for w in works)
-
     def fits(self, unit, *rest):
-        """Within the limit with margins for the model's error: the next unit's estimate grows by the recent
-        prediction error (its mix of work may be new), the rest's (errors average out over many units) by TTT_MARGIN,
-        and one check interval stays in hand (a stop can come that late)."""
+        """The unit's estimate grows by the recent prediction error (its mix may be new), the rest's by TTT_MARGIN (the
+        errors average out), and one check interval is kept in hand (a stop can come that late)."""
         seconds = (1 + max(TTT_MARGIN, self.cost.error())) * self.cost.seconds(unit) + TTT_CHECK_SECONDS
         return self.now() + seconds + (1 + TTT_MARGIN) * sum(self.cost.seconds(w) for w in rest) <= self.limit
-
     def restart(self):
         self.mark = self.clock()
-
     def measure(self, work):
-        """The time since the last restart/measure was the cost of `work`."""
+        """The time since the last restart or measure was the cost of `work`."""
         self.sync()
         t = self.clock()
         self.cost.observe(work, t - self.mark)
         self.mark = t
-
-    def timed(self, work, fn):
-        self.restart()
-        fn()
-        self.measure(work)
-
     def note(self, rest_adapt, rest_score):
-        """The progress lines' view: the eval clock now and at the end, adapting the rest or only scoring it."""
         self.outlook = (f"eval clock {self.now():.0f}s; projected {self.projected(rest_adapt):.0f}s adapting the rest, "
                         f"{self.projected(rest_score):.0f}s scoring it (budget {self.limit:.0f}s)")
 
 def document_spans(tokens):
-    """[(first target, number of targets)] per document: a document runs from its BOS to the next BOS (whose
-    prediction is its last target)."""
+    """[(first target, number of targets)] per document: its BOS to the next, whose prediction is its last target."""
     starts = torch.nonzero(tokens[:-1] == BOS_ID).flatten().tolist()
     starts = ([0] if not starts or starts[0] != 0 else []) + starts
     ends = starts[1:] + [tokens.numel() - 1]
     return [(s, e - s) for s, e in zip(starts, ends) if e > s]
 
 class BatchShape:
-    """One LoRA batch (document lengths, longest first) as score_documents runs it, chunk by chunk: rows computed
-    (the active documents) and window width, at least 2 and 3 so the compiled graph never meets a size-1 dimension
-    (which would specialise and recompile; the smear and bigram shift by one); the Work of any range of chunks."""
-
+    """A LoRA batch (lengths, longest first) as score_documents runs it: per chunk, rows (documents) and width, at least
+    2 and 3 so the compiled graph never meets a size-1 dimension (it would recompile); the Work of chunk ranges."""
     def __init__(self, lengths, h):
         n, C = np.asarray(lengths), h.ttt_chunk
         chunks = np.arange(-(-int(n[0]) // C))
@@ -1505,22 +1435,15 @@ class BatchShape:
         self.rows = np.maximum((n[None, :] > chunks[:, None] * C).sum(1), 2)
         self.widths = np.maximum(np.minimum(np.minimum(n[0], (chunks + 1) * C), h.eval_seq_len), 3)
         self.passes = self.rows * self.widths
-
     def work(self, adapt, start=0, stop=None):
         stop = self.chunks if stop is None else stop
         kinds = ("token_pass", "chunk_step") if adapt else ("score_pass", "score_step")
         return Work({kinds[0]: int(self.passes[start:stop].sum()), kinds[1]: stop - start, "batch": int(start == 0)})
 
-    def targets_before(self, chunk):
-        """Targets scored in chunks before `chunk` (those scored by an adapting batch, if it stopped there)."""
-        return int(np.minimum(self.lengths, chunk * self.C).sum())
-
 class TTTPlan:
-    """LoRA TTT's schedule, fixed by document lengths alone: documents longest first, TTT_BATCH_DOCS to a batch;
-    TTT_PHASES cut the queue into segments (a phase trains on the first D documents once all are scored); each
-    segment's batches go to the lanes, largest prior cost to the least loaded. A lane is one warm-A chain, run by rank
-    lane % world_size: ranks are balanced and scores do not depend on the world size (when it divides TTT_LANES)."""
-
+    """LoRA TTT's schedule from document lengths alone: documents longest first, TTT_BATCH_DOCS to a batch; segments end
+    where a phase trains on the first D documents (TTT_PHASES), their batches balanced over the lanes (warm-A chains).
+    Rank r runs lanes r, r + world_size, ...: scores do not depend on the world size (when it divides TTT_LANES)."""
     def __init__(self, docs, h, world_size):
         order = sorted(docs, key=lambda d: (-d[1], d[0]))
         B, prior = h.ttt_batch_docs, CostModel()
@@ -1532,22 +1455,16 @@ class TTTPlan:
         cuts = [0] + [-(-d // B) for d in counts] + [len(batches)]
         self.segments = []
         for a, b in zip(cuts, cuts[1:]):
-            lanes, load = [[] for _ in range(self.lanes)], [0.0] * self.lanes
-            for j in sorted(range(a, b), key=lambda j: -cost[j]):
-                lane = load.index(min(load))
-                lanes[lane].append(j)
-                load[lane] += cost[j]
-            self.segments.append([[batches[j] for j in sorted(lane)] for lane in lanes])
-
+            lane_of = balance({j: cost[j] for j in range(a, b)}, self.lanes)
+            self.segments.append([[batches[j] for j in range(a, b) if lane_of[j] == lane] for lane in range(self.lanes)])
     def rank_batches(self, rank):
         return [batch for segment in self.segments for lane in segment[rank::self.world_size] for batch in lane]
 
 def drive_lora_ttt(plan, rank, h, budget, score_batch, start_lane, run_phase, agree, log=lambda m: None):
-    """One rank's share of the plan, segment by segment: each batch adapted if the budget allows, re-checked every
-    TTT_CHECK_SECONDS while adapting (one badly estimated batch cannot overrun); then the segment's phase if every
-    rank agrees it fits with the rest still adapted (phases go before LoRA adaptation). Returns what was adapted."""
+    """One rank's share of the plan: each batch adapted while the budget allows, then the segment's phase if all ranks
+    agree it fits with the rest still adapted (phases go before LoRA adaptation). Returns what was adapted."""
     shapes = [BatchShape([n for _, n in b], h) for b in plan.rank_batches(rank)]
-    rest_score, rest_adapt = [Work()], [Work()]
+    rest_score, rest_adapt = [Work()], [Work()]  # [i]: batches i.. scored only, or adapted
     for shape in reversed(shapes):
         rest_score.insert(0, rest_score[0] + shape.work(False))
         rest_adapt.insert(0, rest_adapt[0] + shape.work(True))
@@ -1558,14 +1475,12 @@ def drive_lora_ttt(plan, rank, h, budget, score_batch, start_lane, run_phase, ag
             start_lane(k, lane)
             for batch in segment[lane]:
                 shape, measured = shapes[i], [0, budget.clock()]  # chunks measured so far, when last checked
-
                 def keep_adapting(c):
                     if budget.clock() - measured[1] < TTT_CHECK_SECONDS:
                         return True
                     budget.measure(shape.work(True, measured[0], c))
                     measured[:] = [c, budget.clock()]
                     return budget.fits(shape.work(True, c), rest_score[i + 1])
-
                 adapt = budget.fits(shape.work(True), rest_score[i + 1])
                 budget.note(rest_adapt[i], rest_score[i])
                 budget.restart()
@@ -1578,21 +1493,21 @@ def drive_lora_ttt(plan, rank, h, budget, score_batch, start_lane, run_phase, ag
                 stats["stops"] += stop < shape.chunks
                 stats["adapted_batches"] += stop == shape.chunks
                 stats["targets"] += int(shape.lengths.sum())
-                stats["adapted_targets"] += shape.targets_before(stop)
+                stats["adapted_targets"] += int(np.minimum(shape.lengths, stop * shape.C).sum())  # in the chunks adapted
                 i += 1
         if k < len(plan.phase_docs):
             phase = Work(sgd_token=sum(n for _, n in plan.phase_docs[k]) / plan.world_size)
             if agree(budget.fits(phase, rest_adapt[i])):
-                budget.timed(phase, lambda: run_phase(k))
+                budget.restart()
+                run_phase(k)
+                budget.measure(phase)
                 stats["phases"] += 1
             else:
                 log(f"ttt: budget: phase {k + 1} skipped: it would not leave time to adapt the rest")
     return stats
 
 def sgd_epoch(run, model, train_fn, tokens, lr):
-    """A phase: one epoch of full-model SGD on already-scored `tokens` with a fresh optimizer, one step per
-    TTT_SGD_CHUNK chunk at LR cosine-decayed over the chunks; a step's EVAL_SEQ_LEN sequences are spread over the
-    ranks (train_fn: the model's compiled or plain loss) and their gradients all-reduced into the mean of all."""
+    """A phase: one epoch of full-model SGD on scored `tokens`, a step per TTT_SGD_CHUNK chunk, LR cosine-decayed."""
     h, L, K = run.h, run.h.eval_seq_len, run.h.ttt_sgd_chunk
     chunks = max((tokens.numel() - 1) // K, 1)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=h.ttt_sgd_momentum)
@@ -1615,10 +1530,8 @@ def sgd_epoch(run, model, train_fn, tokens, lr):
         opt.zero_grad(set_to_none=True)
 
 class LoRA(nn.Module):
-    """Per-document low-rank adapters: for each row of a batch (one document), a pair (A, B) per target (q, k, v, o,
-    an MLP bypass) and virtual layer, and one on the LM head; delta(x) = (alpha/rank)·x·Aᵀ·Bᵀ. A stays warm along a
-    lane (it keeps directions that helped earlier documents); B starts each batch at zero (no change)."""
-
+    """Per-document adapters: per row of a batch, an (A, B) per target (q, k, v, o, an MLP bypass) and virtual layer,
+    and on the LM head. A stays warm along a lane (directions that helped earlier documents); B starts each batch at 0."""
     def __init__(self, model, h):
         super().__init__()
         d, kv, rows = h.model_dim, h.kv_dim, max(h.ttt_batch_docs, 2)
@@ -1628,7 +1541,6 @@ class LoRA(nn.Module):
         self.B = nn.ParameterDict({k: nn.Parameter(torch.zeros(slots, rows, o, r)) for k, (i, o) in shapes.items()})
         self.head_A, self.head_B = nn.Parameter(torch.zeros(rows, r, d)), nn.Parameter(torch.zeros(rows, h.vocab_size, r))
         self.scale = h.ttt_lora_alpha / r
-
     @torch.no_grad()
     def start_lane(self, seed):
         """A drawn from U(-1/sqrt(in), 1/sqrt(in)) by a generator on the device (no host draws), B zero."""
@@ -1636,36 +1548,28 @@ class LoRA(nn.Module):
         for a in [*self.A.values(), self.head_A]:
             a.uniform_(-a.size(-1) ** -0.5, a.size(-1) ** -0.5, generator=g)
         self.clear_b()
-
     @torch.no_grad()
     def clear_b(self):
         for b in [*self.B.values(), self.head_B]:
             b.zero_()
-
     def delta(self, A, B, x):
         rows = x.size(0)
         return self.scale * torch.einsum("btr,bor->bto", torch.einsum("bti,bri->btr", x, A[:rows].to(x.dtype)), B[:rows].to(x.dtype))
-
     def slot(self, pos):
         return lambda name, x: self.delta(self.A[name][pos], self.B[name][pos], x)
-
     def head(self, x):
         return self.delta(self.head_A, self.head_B, x)
 
 def ttt_lora(run, model, lora_fn, train_fn, lora, scorer, budget):
-    """Score-first LoRA TTT over the plan (TTTPlan): each batch of documents chunk by chunk (score_documents), each
-    lane's A warm from batch to batch, B and the optimizer fresh per batch; at each TTT_PHASES count, one epoch of
-    full-model SGD on the documents scored so far (a fresh optimizer, LR TTT_PHASE_LR cosine)."""
+    """Score-first LoRA TTT over the plan: each batch scored and adapted chunk by chunk, phases at the TTT_PHASES counts."""
     h = run.h
     plan = TTTPlan(document_spans(scorer.tokens.cpu()), h, run.world_size)
     progress = Progress(run.log, "ttt_lora", len(plan.rank_batches(run.rank)), "batches", lambda: budget.outlook)
     model.requires_grad_(False)  # only the adapters learn, except in phases
-
     def score_batch(batch, adapt, keep_adapting):
         stop = score_documents(run, lora_fn, lora, scorer, batch, adapt, keep_adapting)
         progress.step()
         return stop
-
     def run_phase(k):
         docs = plan.phase_docs[k]
         run.log(f"ttt: phase {k + 1}: full-model SGD on the first {len(docs)} documents scored", console=False)
@@ -1673,7 +1577,6 @@ def ttt_lora(run, model, lora_fn, train_fn, lora, scorer, budget):
         model.requires_grad_(True)
         sgd_epoch(run, model, train_fn, stream, h.ttt_phase_lr)
         model.requires_grad_(False)
-
     stats = drive_lora_ttt(plan, run.rank, h, budget, score_batch,
                            lambda k, lane: lora.start_lane((h.seed * 1000 + k) * 1000 + lane),
                            run_phase, run.all_agree, run.log)
@@ -1681,9 +1584,8 @@ def ttt_lora(run, model, lora_fn, train_fn, lora, scorer, budget):
     return stats
 
 def score_documents(run, lora_fn, lora, scorer, batch, adapt, keep_adapting=lambda c: True):
-    """One batch of documents (longest first), chunk by chunk: score, then (while adapting) one AdamW step of their
-    adapters (lora_fn: forward_logits, compiled or plain). Gradients are on either way, so a stop reuses the compiled
-    graph. Returns the first chunk scored without updates (0: none adapted)."""
+    """A batch of documents, chunk by chunk: score, then (while adapting) an AdamW step of their adapters. Gradients are
+    on either way, so a stop reuses the compiled graph. Returns the first chunk scored without updates (0: none)."""
     h, L, C = run.h, run.h.eval_seq_len, run.h.ttt_chunk
     shape = BatchShape([n for _, n in batch], h)
     lora.clear_b()
