@@ -1364,7 +1364,7 @@ TTT_LANES = 8  # warm-A chains: the records' 8 ranks; every world size dividing 
 class Work(dict):
     """Units of work by kind ({"token_pass": n, ...}); adds like a vector."""
     def __add__(self, other):
-        return Work({k: self.get(k, 0) + other.get(k, 0) for k in {*self, *other}})
+        return Work({k: self.get(k, 0) + other.get(k, 0) for k in dict.fromkeys([*self, *other])})  # ordered: same float sums
 
 class CostModel:
     """Seconds for a Work: each kind's prior cost times its group's factor (LoRA adapting, LoRA scoring, phase SGD), fitted
@@ -1488,7 +1488,7 @@ def drive_lora_ttt(plan, rank, h, budget, score_batch, start_lane, run_phase, ag
                 budget.measure(shape.work(True, measured[0], stop) + shape.work(False, stop) if stop else shape.work(False))
                 if stop < shape.chunks and not stats["stops"]:
                     log(f"ttt: budget: projected eval clock {budget.projected(shape.work(True, stop), rest_score[i + 1]):.0f}s > "
-                        f"TTT_BUDGET_SECONDS {h.ttt_budget_seconds:.0f}s at batch {i + 1}/{len(shapes)} of rank {rank}; "
+                        f"TTT_BUDGET_SECONDS {budget.limit:.0f}s at batch {i + 1}/{len(shapes)} of rank {rank}; "
                         f"scoring without updates while adapting does not fit")
                 stats["stops"] += stop < shape.chunks
                 stats["adapted_batches"] += stop == shape.chunks
