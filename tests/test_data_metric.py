@@ -672,7 +672,7 @@ def test_every_setting_rejects_a_value_of_the_wrong_kind():
 
 def test_lower_bounds_are_inclusive():
     h = make_h(SEED="0", GRAD_ACCUM_STEPS="0", VE_DIM="0", XSA_LAST_N="0", ROPE_DIMS="0", BIGRAM_BUCKETS="0",
-               VAL_LOSS_EVERY="0", WARMUP_STEPS="0", MAX_WALLCLOCK_SECONDS="0", GRAD_CLIP_NORM="0", EVAL_SEQ_LEN="0",
+               WARMUP_STEPS="0", MAX_WALLCLOCK_SECONDS="0", GRAD_CLIP_NORM="0", EVAL_SEQ_LEN="0",
                ITERATIONS="1", ATTN_BITS="2", MLP_BITS="2", EMBED_BITS="2", ZSTD_LEVEL="1", MLP_MULT="0.01")
     assert (h.seed, h.grad_accum_steps, h.rope_dims, h.iterations, h.attn_bits, h.zstd_level) == (0, 0, 0, 1, 2, 1)
     assert h.mlp_mult == 0.01 and h.eval_seq_len == h.train_seq_len == 64
