@@ -92,6 +92,6 @@ def tiny_run_env(dataset, **overrides):
     """Settings for a short CPU training run of the tiny model on `dataset` (data_path, tokenizer_path)."""
     env = dict(TINY, DATA_PATH=str(dataset[0]), TOKENIZER_PATH=str(dataset[1]), TRAIN_BATCH_TOKENS="2048",
                GRAD_ACCUM_STEPS="1", ITERATIONS="12", WARMUP_STEPS="2", MAX_WALLCLOCK_SECONDS="0",
-               TRAIN_LOG_EVERY="4", VAL_LOSS_EVERY="0", EVAL_STRIDE="32", GPTQ_CALIB_BATCHES="2", COMPILE="0")
+               TRAIN_LOG_EVERY="4", EVAL_STRIDE="32", GPTQ_CALIB_BATCHES="2", COMPILE="0")
     env.update({k: str(v) for k, v in overrides.items()})
     return env

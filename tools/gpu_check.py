@@ -52,7 +52,7 @@ def settings(cpu, work):
     data, tokenizer = smoke_data.cached_dataset(work / "data")
     env = dict(DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer), RUN_ID="gpu_check", LOG_DIR=str(work / "logs"),
                OUTPUT_DIR=str(work / "out"), ITERATIONS=str(WARMUP_STEPS + TIMED_STEPS), WARMUP_STEPS=str(WARMUP_STEPS),
-               MAX_WALLCLOCK_SECONDS="0", TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="0", GRAD_ACCUM_STEPS="8",
+               MAX_WALLCLOCK_SECONDS="0", TRAIN_LOG_EVERY="1", GRAD_ACCUM_STEPS="8",
                GPTQ_CALIB_BATCHES="4", COMPILE="1", BF16="1")
     if cpu:
         env.update(CPU_SIZE)
