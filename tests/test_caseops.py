@@ -190,12 +190,12 @@ def test_lqer_is_a_rung_of_the_allocation_taken_where_it_pays():
     u, v = (torch.randint(0, 2, (n,)) * 2 - 1 for n in (256, 256))
     structured = train_gpt.quantize_rows(w0, s0, 6) * s0[:, None] + 0.3 * s0[:, None] * (u[:, None] * v[None, :])
     state = {"blocks.0.mlp.fc.weight": structured, "blocks.0.mlp.proj.weight": 0.03 * torch.randn(256, 256)}
-    natural, _, _ = train_gpt.export_artifact(state, make_h(ZSTD_LEVEL=9, BUDGET_FILL=0), 0, log=lambda m: None)
+    natural, _, _ = train_gpt.export_artifact(state, make_h(ZSTD_LEVEL=9, BUDGET_FILL=0), 0, log=lambda *a, **k: None)
     cap = len(natural) + train_gpt.TARGET_SLACK
     errors = {}
     for k in (0, 2):
         blob, q, report = train_gpt.export_artifact(state, make_h(ZSTD_LEVEL=9, LQER_TOP_K=k, ARTIFACT_CAP_BYTES=cap), 0,
-                                                    log=lambda m: None)
+                                                    log=lambda *a, **k: None)
         deq = train_gpt.dequantize_state(train_gpt.deserialize_quantized(blob))
         assert len(blob) <= cap and all(torch.equal(deq[n], train_gpt.dequantize_entry(q[n])) for n in state)
         errors[k] = {n: float((state[n] - deq[n]).square().sum()) for n in state}

@@ -1042,7 +1042,7 @@ def test_largest_vocabulary_reads_trains_and_exports(tmp_path):
     luts = train_gpt.build_byte_luts(_FakeSPVocab(65536))  # ids 65534 and 65535 are one-letter pieces
     assert luts[0].numel() == 65536 and train_gpt.target_bytes(luts, ids[:, :-1], ids[:, 1:]).tolist() == [[1, 1, 1, 0, 1]]
     blob, qstate, _ = train_gpt.export_artifact(model.state_dict(), make_h(VOCAB_SIZE=65536, BUDGET_FILL=0, ZSTD_LEVEL=1, MODEL_DIM=32,
-                                               NUM_HEADS=2, NUM_KV_HEADS=1, ROPE_DIMS=8, NUM_LAYERS=2, XSA_LAST_N=-1), 0, log=lambda m: None)
+                                               NUM_HEADS=2, NUM_KV_HEADS=1, ROPE_DIMS=8, NUM_LAYERS=2, XSA_LAST_N=-1), 0, log=lambda *a, **k: None)
     assert train_gpt.deserialize_quantized(blob)["tok_emb.weight"]["codes"].shape == (65536, 32)
 
 
